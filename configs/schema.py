@@ -1,0 +1,155 @@
+"""The one typed config schema. Defaults live in configs/base.yaml; presets override only what differs.
+
+Every section is a frozen dataclass, so a config is hashable data that can be passed into jitted
+code as a static argument. Field comments use the dimension letters of the codebase.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 32000          # V
+    d_model: int = 4096              # D
+    n_layers: int = 32               # L
+    n_heads: int = 32                # N query heads
+    n_kv_heads: int = 32             # K kv heads (grouped-query when K < N)
+    head_dim: int = 0                # H; 0 means d_model // n_heads
+    mlp_dim: int = 11008             # F (SwiGLU hidden)
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Llama-3 RoPE frequency scaling; factor 0 disables it.
+    rope_scaling_factor: float = 0.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    qkv_bias: bool = False           # Qwen2
+    qk_norm: bool = False            # Qwen3
+    sliding_window: int = 0          # Mistral; 0 means full causal attention
+    attn_logit_softcap: float = 0.0  # 0 disables the tanh soft cap
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    compute_dtype: str = "auto"      # auto: bfloat16 on TPU/GPU, float32 on CPU
+    scan_layers: bool = True
+    remat: str = "full"              # none | full | save_dots | minimal
+    attention_impl: str = "auto"     # auto | xla | pallas | cudnn
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    # ICI sizes (within a slice / host). -1 on one axis fills the remaining devices.
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    # DCN sizes (across slices / hosts); their product times the ICI product is the device count.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    rules: str = "fsdp"              # logical-axis rules table: fsdp | fsdp_tp | serve_tp
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""                   # file, directory or .jsonl; empty means the stdlib corpus
+    jsonl_field: str = "text"
+    tokenizer: str = ""              # existing sentencepiece .model; empty trains one on the data
+    seq_len: int = 256               # T of each packed training row
+    val_path: str = ""               # optional separate validation data
+    val_fraction: float = 0.05       # used when val_path is empty
+    shuffle_seed: int = 0
+    tokenizer_sample_bytes: int = 20_000_000  # text fed to the sentencepiece trainer
+    # Classification tasks (task.kind == classify)
+    text_column: str = "text"
+    label_column: str = "label"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    batch_size: int = 8              # global batch B, in rows
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "cosine"         # cosine | linear | constant
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    z_loss: float = 0.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    profile_start: int = -1          # first step of a profiler trace window; -1 disables
+    profile_steps: int = 5
+    init_from: str = ""              # Tessera checkpoint or Hugging Face directory to start from
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    int8_weights: bool = False
+    kv_dtype: str = "bfloat16"       # bfloat16 | int8 | float32
+    page_size: int = 16
+    num_pages: int = 512
+    max_batch: int = 8               # concurrent sequences in the decode batch
+    prefill_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
+    max_queue: int = 64
+    host: str = "127.0.0.1"
+    port: int = 8000
+    chat_template: str = ""          # jinja template; empty uses the tokenizer's or a plain one
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    kind: str = "lm"                 # lm | classify
+    num_classes: int = 0             # 0 means infer from the training labels
+    pooling: str = "last"            # last | mean
+    class_weights: bool = False
+    max_len: int = 128
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+
+CHOICES = {
+    "model.remat": ("none", "full", "save_dots", "minimal"),
+    "model.attention_impl": ("auto", "xla", "pallas", "cudnn"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("auto", "float32", "bfloat16"),
+    "mesh.rules": ("fsdp", "fsdp_tp", "serve_tp"),
+    "train.schedule": ("cosine", "linear", "constant"),
+    "serve.kv_dtype": ("bfloat16", "int8", "float32"),
+    "task.kind": ("lm", "classify"),
+    "task.pooling": ("last", "mean"),
+}
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict of a config (for YAML/JSON output and checkpoints)."""
+    return dataclasses.asdict(cfg)
