@@ -1,0 +1,1 @@
+"""Flax NNX decoder models, quantization, and attention kernels."""

@@ -1,0 +1,69 @@
+"""Stateless building blocks: parameter declaration, linear maps, RMSNorm, RoPE, dtype policy."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from configs import ModelConfig
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init: str = "normal",
+          std: float = 0.02) -> nnx.Param:
+    """An nnx.Param carrying its logical axis names (read by sharding.rules)."""
+    assert len(shape) == len(axes), (shape, axes)
+    if init == "normal":
+        value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        value = jnp.zeros(shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), axes=axes)
+
+
+def compute_dtype(cfg: ModelConfig):
+    """bf16 compute on TPU/GPU, fp32 on CPU (bf16 is no faster there), unless set explicitly."""
+    if cfg.compute_dtype != "auto":
+        return jnp.dtype(cfg.compute_dtype)
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+
+
+def linear(eq: str, x: jax.Array, w) -> jax.Array:
+    """The one matmul: einsum of activations with a weight (a plain array or a quantized array)."""
+    if hasattr(w, "matmul"):  # model.quant.QArray: int8 values + scales
+        return w.matmul(eq, x)
+    return jnp.einsum(eq, x, w.astype(x.dtype))
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, statistics in fp32."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """[H/2] inverse frequencies, with Llama-3.1 scaling when rope_scaling_factor > 0."""
+    H = cfg.resolved_head_dim
+    inv = 1.0 / cfg.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H)
+    if cfg.rope_scaling_factor <= 0:
+        return inv
+    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv
+    low_wavelen = cfg.rope_original_max_len / low
+    high_wavelen = cfg.rope_original_max_len / high
+    smooth = (cfg.rope_original_max_len / wavelen - low) / (high - low)
+    mid = (1 - smooth) * inv / factor + smooth * inv
+    return jnp.where(wavelen > low_wavelen, inv / factor, jnp.where(wavelen < high_wavelen, inv, mid))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate x [B,T,N,H] by positions [B,T]; rotate-half layout (as Hugging Face Llama)."""
+    angles = positions[:, :, None].astype(jnp.float32) * inv_freq  # [B,T,H/2]
+    sin = jnp.sin(angles)[:, :, None, :]                           # [B,T,1,H/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)          # [B,T,N,H/2] each
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
