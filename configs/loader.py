@@ -154,7 +154,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     """Load a preset over configs/base.yaml, apply overrides, and validate the result."""
     data = _read_yaml(CONFIG_DIR / "base.yaml")
     if path is not None:
-        data = _merge(data, _read_yaml(resolve_path(path).resolve()))
+        resolved = resolve_path(path)
+        if not resolved.is_file():
+            raise ConfigError(f"config file not found: {path} (nor configs/{Path(path).stem}.yaml)")
+        data = _merge(data, _read_yaml(resolved.resolve()))
     data = _merge(data, parse_overrides(list(overrides)))
     cfg = _build(Config, data)
     validate(cfg)

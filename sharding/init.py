@@ -40,3 +40,26 @@ def create_sharded_model(cfg: Config, mesh: Mesh, rules: str | None = None, seed
 def count_params(state) -> int:
     """Exact number of parameters in an (abstract or concrete) state."""
     return sum(int(x.size) for x in jax.tree.leaves(state))
+
+
+def pure_shardings(state_shardings_tree) -> dict:
+    """The NamedSharding tree of an nnx.State in nnx's pure-dict layout (as train state uses)."""
+    return nnx.to_pure_dict(state_shardings_tree)
+
+
+def match_shardings(tree, param_shardings_pure: dict, mesh: Mesh):
+    """Shardings for a tree that embeds copies of the params (optimizer moments): each leaf whose
+    key path ends with a parameter's path takes that parameter's sharding; others replicate."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    by_path = {}
+    for path, s in jax.tree_util.tree_flatten_with_path(param_shardings_pure)[0]:
+        by_path[tuple(getattr(k, "key", k) for k in path)] = s
+
+    def pick(path, leaf):
+        keys = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+        for i in range(len(keys)):
+            if keys[i:] in by_path and getattr(leaf, "ndim", 0):
+                return by_path[keys[i:]]
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
