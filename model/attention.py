@@ -1,26 +1,143 @@
-"""The one attention entry point of the model: picks an implementation by config and platform."""
+"""The one attention entry point of the model: picks an implementation by config and platform.
+
+impl (model.attention_impl):
+  xla    pure jnp (model/kernels/reference.py); XLA fuses it; partitions like any jnp code.
+  pallas our flash kernels: TPU Mosaic kernel on TPU, Triton kernel on GPU, and on CPU the TPU
+         kernel in TPU interpret mode (slow; for tests). Called through shard_map on a mesh.
+  cudnn  jax.nn.dot_product_attention (cuDNN flash on NVIDIA GPUs, its XLA path elsewhere).
+  auto   TPU -> pallas; GPU -> cudnn, or pallas when a logit soft cap is set (cuDNN has none);
+         CPU -> xla. See docs/kernels.md for the measurements behind the choice.
+"""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-from model.kernels.reference import attention_reference
+from model.kernels import sharded
+from model.kernels.blocking import default_blocks
+from model.kernels.paged_reference import paged_attention_reference
+from model.kernels.reference import attention_mask, attention_reference, default_positions
+
+IMPLS = ("auto", "xla", "pallas", "cudnn")
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, *, logit_softcap: float = 0.0, platform: str | None = None) -> str:
     """`auto` -> the fastest implementation measured for this platform (see docs/kernels.md)."""
+    if impl not in IMPLS:
+        raise ValueError(f"model.attention_impl '{impl}' is not one of {IMPLS}")
     if impl != "auto":
         return impl
+    platform = platform or jax.default_backend()
+    if platform == "tpu":
+        return "pallas"
+    if platform in ("gpu", "cuda", "rocm"):
+        return "pallas" if logit_softcap else "cudnn"
     return "xla"
+
+
+def _pallas_kernel(causal, sliding_window, logit_softcap, block_q, block_kv):
+    """The per-device flash kernel for this platform, as f(q, k, v, q_pos, q_seg, kv_pos, kv_seg)."""
+    platform = jax.default_backend()
+    if platform == "gpu":
+        from model.kernels.gpu_flash import flash_attention_gpu as flash
+        extra = {}
+    else:  # TPU, or TPU interpret mode on CPU
+        from model.kernels.tpu_flash import flash_attention as flash
+        extra = dict(interpret=platform != "tpu")
+
+    def kernel(q, k, v, q_pos, q_seg, kv_pos, kv_seg):
+        return flash(q, k, v, q_positions=q_pos, q_segment_ids=q_seg, kv_positions=kv_pos,
+                     kv_segment_ids=kv_seg, causal=causal, sliding_window=sliding_window,
+                     logit_softcap=logit_softcap, block_q=block_q, block_kv=block_kv, **extra)
+    return kernel
+
+
+def _cudnn(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal,
+           sliding_window):
+    """jax.nn.dot_product_attention: built-in causal/window when positions are the defaults
+    (no [B,T,S] mask in memory), an explicit mask otherwise; rows with no visible key -> zeros."""
+    B, T, N, H = q.shape
+    S = k.shape[1]
+    on_gpu = jax.default_backend() == "gpu"
+    impl = "cudnn" if on_gpu else None
+    if q_positions is None and kv_positions is None and q_segment_ids is None and T == S:
+        window = (sliding_window - 1, 0) if sliding_window else None
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, local_window_size=window,
+                                            implementation=impl)
+    q_positions = default_positions(B, T, S - T) if q_positions is None else q_positions
+    kv_positions = default_positions(B, S) if kv_positions is None else kv_positions
+    mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids,
+                          causal=causal, sliding_window=sliding_window)           # [B,T,S]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
+    return jnp.where(mask.any(-1)[:, :, None, None], out, 0).astype(q.dtype)     # [B,T,N,H]
 
 
 def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_positions=None,
               kv_positions=None, causal: bool = True, sliding_window: int = 0,
-              logit_softcap: float = 0.0, impl: str = "auto") -> jax.Array:
-    """q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H]. Masking rules: model/kernels/reference.py."""
-    impl = resolve_impl(impl)
+              logit_softcap: float = 0.0, impl: str = "auto", block_q: int = 0,
+              block_kv: int = 0, mesh=None) -> jax.Array:
+    """q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H]. Masking rules: model/kernels/reference.py.
+
+    block_q/block_kv (model.attn_block_q/attn_block_kv; 0 = per-generation default) tune the
+    pallas kernels. mesh: for the shard_map of the pallas kernels (default: the context mesh)."""
+    impl = resolve_impl(impl, logit_softcap=logit_softcap)
     kwargs = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                   q_positions=q_positions, kv_positions=kv_positions, causal=causal,
                   sliding_window=sliding_window, logit_softcap=logit_softcap)
     if impl == "xla":
         return attention_reference(q, k, v, **kwargs)
-    raise ValueError(f"model.attention_impl '{impl}' is not available")
+    if impl == "cudnn":
+        if logit_softcap:
+            raise ValueError("attention_impl=cudnn has no logit soft cap; use pallas or xla")
+        kwargs.pop("logit_softcap")
+        return _cudnn(q, k, v, **kwargs)
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    if q_positions is None:
+        q_positions = default_positions(B, T, S - T)
+    if kv_positions is None:
+        kv_positions = default_positions(B, S)
+    if q_segment_ids is None:
+        q_segment_ids = jnp.zeros((B, T), jnp.int32)
+        kv_segment_ids = jnp.zeros((B, S), jnp.int32)
+    kernel = _pallas_kernel(causal, sliding_window, logit_softcap, block_q, block_kv)
+    return sharded.sharded_attention(kernel, q, k, v, q_positions, q_segment_ids, kv_positions,
+                                     kv_segment_ids, mesh=mesh)
+
+
+def paged_attention(q, k_pages, v_pages, page_table, lengths, *, k_scales=None, v_scales=None,
+                    sliding_window: int = 0, logit_softcap: float = 0.0, impl: str = "auto",
+                    mesh=None) -> jax.Array:
+    """Decode attention of T (1..8) new tokens per sequence against a paged KV cache.
+
+    q [B,T,N,H] (already written at positions lengths-T .. lengths-1, causal among themselves);
+    k/v_pages [P,page_size,K,H] bf16/fp32, or int8 with k/v_scales [P,page_size,K] fp32;
+    page_table [B,M] int32; lengths [B] int32 (0 = inactive slot -> zeros). -> [B,T,N,H].
+    impl: xla (gather + reference) | pallas (TPU kernel; Triton on GPU; TPU interpret on CPU) |
+    auto (pallas on TPU and GPU, xla on CPU). cudnn has no paged kernel and means xla here."""
+    if impl not in IMPLS:
+        raise ValueError(f"model.attention_impl '{impl}' is not one of {IMPLS}")
+    platform = jax.default_backend()
+    if impl == "auto":
+        impl = "pallas" if platform in ("tpu", "gpu") else "xla"
+    if impl != "pallas":
+        return paged_attention_reference(q, k_pages, v_pages, page_table, lengths,
+                                         k_scales=k_scales, v_scales=v_scales,
+                                         sliding_window=sliding_window,
+                                         logit_softcap=logit_softcap).astype(q.dtype)
+    if platform == "gpu":
+        from model.kernels.gpu_paged import paged_attention_gpu as paged
+        extra = {}
+    else:
+        from model.kernels.tpu_paged import paged_attention_tpu as paged
+        extra = dict(interpret=platform != "tpu")
+
+    def kernel(q, k_pages, v_pages, page_table, lengths, k_scales, v_scales):
+        return paged(q, k_pages, v_pages, page_table, lengths, k_scales=k_scales,
+                     v_scales=v_scales, sliding_window=sliding_window,
+                     logit_softcap=logit_softcap, **extra)
+    return sharded.sharded_paged_attention(kernel, q, k_pages, v_pages, page_table, lengths,
+                                           k_scales, v_scales, mesh=mesh)
+
+
+__all__ = ["attention", "paged_attention", "resolve_impl", "default_blocks"]
