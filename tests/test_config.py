@@ -1,0 +1,93 @@
+"""Config loading: presets, inheritance, typed overrides, and one-line errors."""
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from configs import Config, ConfigError, load_config, to_dict
+from configs.loader import CONFIG_DIR
+from conftest import ROOT
+
+PUBLISHED = {"llama2-7b": 6.74e9, "llama3-8b": 8.03e9, "mistral-7b": 7.24e9,
+             "llama2-70b": 68.98e9, "llama3-70b": 70.55e9, "125m": 124e6, "1b": 1.24e9}
+
+
+def test_base_yaml_lists_every_default():
+    base = yaml.safe_load((CONFIG_DIR / "base.yaml").read_text())
+    defaults = to_dict(Config())
+    assert set(base) == set(defaults)
+    for section, values in defaults.items():
+        assert set(base[section]) == set(values), section
+        for key, value in values.items():
+            assert base[section][key] == (list(value) if isinstance(value, tuple) else value), f"{section}.{key}"
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_preset_param_counts_match_published(preset):
+    from model.stats import param_count
+    n = param_count(load_config(preset).model)
+    assert abs(n - PUBLISHED[preset]) / PUBLISHED[preset] < 0.005, n
+
+
+def test_presets_inherit_and_override():
+    cfg = load_config("llama3-70b")
+    assert cfg.model.d_model == 8192 and cfg.model.vocab_size == 128256  # from llama2-70b and itself
+    assert cfg.train.lr == 3e-4                                           # from base
+    cfg = load_config("tiny", ["model.d_model=128", "train.lr=1e-3", "serve.prefill_buckets=[8,16]",
+                               "model.tie_embeddings=false"])
+    assert (cfg.model.d_model, cfg.train.lr, cfg.serve.prefill_buckets) == (128, 1e-3, (8, 16))
+    assert cfg.model.tie_embeddings is False
+    assert dataclasses.is_dataclass(cfg) and hash(cfg)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.d_modle=3"], "unknown config key 'model.d_modle' (did you mean 'model.d_model'?)"),
+    (["model.d_model=abc"], "config key 'model.d_model' expects int, got 'abc'"),
+    (["model.tie_embeddings=maybe"], "config key 'model.tie_embeddings' expects bool"),
+    (["mesh.rules=zero"], "config key 'mesh.rules' must be one of fsdp, fsdp_tp, serve_tp"),
+    (["model.n_kv_heads=3"], "model.n_heads (8) must be a multiple of model.n_kv_heads (3)"),
+    (["data.seq_len=4096"], "data.seq_len (4096) exceeds model.max_seq_len (512)"),
+    (["train"], "override 'train' must look like section.key=value"),
+])
+def test_bad_overrides(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_preset():
+    with pytest.raises(ConfigError, match="config file not found: nope"):
+        load_config("nope")
+
+
+def run_train(*args):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+
+
+def test_dry_run_70b_prints_exact_count():
+    out = run_train("configs/llama3-70b.yaml", "--dry-run", "--devices", "64")
+    assert out.returncode == 0, out.stderr
+    assert "params: 70553706496" in out.stdout
+    assert "mesh: data=1 x fsdp=64 x tensor=1 (64 devices, rules fsdp)" in out.stdout
+    norms = 80 * 2 * 8192 + 8192  # replicated; every other weight splits 64 ways over fsdp
+    assert f"param bytes per device: {(70553706496 - norms) * 4 // 64 + norms * 4}" in out.stdout
+    assert "model FLOPs per token" in out.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["tiny", "model.d_modle=5"], "error: unknown config key 'model.d_modle' (did you mean 'model.d_model'?)"),
+    (["tiny", "mesh.fsdp=4"], "error: mesh {'data': 1, 'fsdp': 4, 'tensor': 1} has 4 devices but 8 are available"),
+    (["tiny", "mesh.tensor=8", "mesh.rules=fsdp_tp"], "error: model.n_kv_heads (4) is not divisible by the tensor axis (8)"),
+    (["tiny", "mesh.tensor=16", "mesh.fsdp=1", "mesh.rules=fsdp_tp", "model.n_heads=16", "model.n_kv_heads=12"],
+     "error: model.n_heads (16) must be a multiple of model.n_kv_heads (12)"),
+    (["missing.yaml"], "error: config file not found: missing.yaml"),
+])
+def test_train_cli_bad_input(args, message):
+    out = run_train(*args, "--dry-run", "--devices", "8")
+    assert out.returncode == 2
+    assert out.stderr.strip() == message or out.stderr.startswith(message), out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
