@@ -1,0 +1,72 @@
+"""One loader for fine-tuning and serving: a Tessera run directory or a Hugging Face directory.
+
+    cfg, graphdef, params, tokenizer = load_checkpoint(path, mesh, rules=None, overrides=())
+
+- Tessera run directory (has config.yaml): the saved config plus `overrides`, the newest params
+  restored by orbax onto `mesh` (resharded if the mesh differs from the one that saved them).
+- Hugging Face directory (config.json + safetensors): the architecture read from config.json,
+  base.yaml defaults for everything else, then `overrides`; every device shard is built straight
+  from the memory-mapped safetensors, so nothing is written and no host copy of the model is made.
+Either way `params` is an nnx.State for `nnx.merge(graphdef, params)`, sharded by the logical-axis
+rules `rules` (default cfg.mesh.rules); the tokenizer is None when the directory has none.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from flax import nnx
+
+from configs import Config, ConfigError
+from interop.hf_config import AUTO_PARAM_DTYPE, HFError, is_hf_dir, model_config_from_hf, read_json, tessera_config
+from interop.hf_weights import SafetensorsDir, load_params_from_hf
+from interop.tokenizers import has_tokenizer, load_tokenizer_dir
+
+
+def hf_config(hf_dir: str | Path, overrides: list[str] | tuple = ()) -> Config:
+    """The Tessera Config of an HF directory. model.param_dtype defaults to the checkpoint's own
+    (bf16 stays bf16, fp16/fp32 load as fp32); `model.param_dtype=...` in overrides wins."""
+    hf_dir = Path(hf_dir)
+    hf = read_json(hf_dir / "config.json")
+    src = SafetensorsDir(hf_dir)
+    first = "model.embed_tokens.weight" if "model.embed_tokens.weight" in src.info else src.names()[0]
+    model = model_config_from_hf(hf, AUTO_PARAM_DTYPE.get(src.dtype_name(first), "float32"))
+    return tessera_config(model, overrides)
+
+
+def load_hf_params(hf_dir: str | Path, cfg: Config, mesh, rules: str | None = None, progress: bool = True):
+    """(graphdef, params state) of an HF directory, sharded on `mesh` under `rules`."""
+    from sharding.init import param_shardings
+    from training.checkpoint import abstract_pure
+    graphdef, abstract, shardings = param_shardings(cfg, mesh, rules)
+    params = load_params_from_hf(hf_dir, cfg.model, abstract_pure(abstract, shardings), progress)
+    nnx.replace_by_pure_dict(abstract, params)
+    return graphdef, abstract
+
+
+def load_tokenizer_for(path: Path, cfg: Config | None = None):
+    """The directory's tokenizer, else the config's data.tokenizer file, else None."""
+    if has_tokenizer(path):
+        return load_tokenizer_dir(path)
+    if cfg is not None and cfg.data.tokenizer and Path(cfg.data.tokenizer).is_file():
+        from interop.tokenizers import SentencePieceTokenizer
+        return SentencePieceTokenizer(cfg.data.tokenizer)
+    return None
+
+
+def load_checkpoint(path: str | Path, mesh, rules: str | None = None, overrides: list[str] | tuple = (),
+                    progress: bool = True):
+    """(cfg, graphdef, params state, tokenizer or None) of a Tessera run dir or an HF dir."""
+    p = Path(path)
+    if (p / "config.yaml").is_file():
+        from training.checkpoint import load_params, read_config
+        cfg = read_config(p, list(overrides))
+        graphdef, params = load_params(p, cfg, mesh, rules)
+    elif is_hf_dir(p):
+        cfg = hf_config(p, overrides)
+        graphdef, params = load_hf_params(p, cfg, mesh, rules, progress)
+    elif not p.is_dir():
+        raise ConfigError(f"checkpoint directory not found: {p}")
+    else:
+        raise HFError(f"{p} is neither a Tessera run directory (config.yaml) nor a Hugging Face "
+                      "model directory (config.json + *.safetensors)")
+    return cfg, graphdef, params, load_tokenizer_for(p, cfg)
