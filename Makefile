@@ -1,0 +1,37 @@
+# `make demo` and `make test` set everything up on a fresh machine (Python 3.11+).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export JAX_PLATFORMS ?= cpu
+
+.PHONY: demo test test-slow test-all bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Runtime dependencies only: what `make demo` needs.
+$(VENV)/.core: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# Test and interop extras. torch (CPU build) is a test-time reference only.
+$(VENV)/.test: $(VENV)/.core
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test,hf,tpu]"
+	touch $@
+
+demo: $(VENV)/.core
+	$(BIN)/python train.py configs/tiny.yaml --samples 3
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -q -m "not slow" -n 2
+
+test-slow: $(VENV)/.test
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: $(VENV)/.test
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs
