@@ -1,0 +1,174 @@
+"""`python -m interop.hf`: import/export with tokenizers, and bad input failing cleanly.
+
+Bad input (unsupported architecture, missing shard, shape mismatch, ...) must give a one-line
+error naming the field, tensor or file, exit code 2, and leave nothing at OUT_DIR.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from configs import load_config  # noqa: E402
+from interop.hf import main  # noqa: E402
+from interop.load import load_checkpoint  # noqa: E402
+from interop.tokenizers import HFTokenizer  # noqa: E402
+from sharding.mesh import make_mesh  # noqa: E402
+from training.checkpoint import write_config  # noqa: E402
+from conftest import ROOT  # noqa: E402
+
+TEXT = "Hello, wörld! Привет мир. 你好，世界。 🙂"
+
+
+def save_tiny_llama(path, **save_kwargs):
+    """A 2-layer random Llama plus a byte-level BPE tokenizer with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      bos_token_id=0, eos_token_id=1)
+    transformers.LlamaForCausalLM(config).save_pretrained(path, **save_kwargs)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([TEXT] * 8, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    fast.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    save_tiny_llama(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return make_mesh(load_config("tiny"))
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    capsys.readouterr()  # drop earlier output (e.g. transformers' progress bars)
+    code = main([*argv, "--quiet"])
+    return code, capsys.readouterr().err.strip()
+
+
+def assert_clean_failure(code: int, err: str, out_dir, *fragments):
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert not out_dir.exists()
+    assert not list(out_dir.parent.glob(f".{out_dir.name}.*")), "temporary directory left behind"
+
+
+def test_import_export_with_tokenizer(hf_dir, tmp_path, capsys, mesh):
+    run_dir, out_dir, bf16_dir = tmp_path / "run", tmp_path / "export", tmp_path / "bf16"
+    assert run_cli(capsys, "import", str(hf_dir), str(run_dir))[0] == 0
+    for name in ("config.yaml", "tokenizer.json", "tokenizer_config.json", "hf_config.json"):
+        assert (run_dir / name).is_file(), name
+    cfg, graphdef, state, tok = load_checkpoint(run_dir, mesh)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert isinstance(tok, HFTokenizer)
+    assert tok.encode(TEXT) == hf_tok.encode(TEXT, add_special_tokens=False)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi\n"
+
+    assert run_cli(capsys, "export", str(run_dir), str(out_dir))[0] == 0
+    assert transformers.AutoTokenizer.from_pretrained(out_dir).encode(TEXT) == hf_tok.encode(TEXT)
+    config = json.loads((out_dir / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
+
+    # bfloat16 export: transformers reads it; re-import keeps bf16 (auto dtype) and the same values.
+    assert run_cli(capsys, "export", str(run_dir), str(bf16_dir), "--dtype", "bfloat16")[0] == 0
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(bf16_dir)
+    assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    cfg16, _, state16, _ = load_checkpoint(bf16_dir, mesh, progress=False)
+    assert cfg16.model.param_dtype == "bfloat16"
+    expected = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16), nnx.to_pure_dict(state))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.to_pure_dict(state16)), expected)
+
+
+def test_unsupported_architecture_subprocess(hf_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in hf_dir.iterdir():
+        (bad / f.name).symlink_to(f)
+    (bad / "config.json").unlink()
+    config = json.loads((hf_dir / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    out_dir = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "interop.hf", "import", str(bad), str(out_dir)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_clean_failure(proc.returncode, proc.stderr.strip(), out_dir, "GPT2LMHeadModel", "'architectures'")
+
+
+def edited_copy(hf_dir, dst, **config_changes):
+    """A copy of hf_dir with config.json fields changed."""
+    dst.mkdir()
+    for f in hf_dir.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    config = json.loads((hf_dir / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return dst
+
+
+@pytest.mark.parametrize("change, fragments", [
+    (dict(intermediate_size=96), ["tensor 'model.layers.0.mlp.gate_proj.weight' has shape [128, 64]",
+                                  "[96, 64]"]),
+    (dict(num_hidden_layers=3), ["tensor 'model.layers.2.input_layernorm.weight' is missing"]),
+    (dict(num_hidden_layers=1), ["unexpected tensor 'model.layers.1."]),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), ["'yarn'", "'rope_parameters.rope_type'"]),
+    (dict(hidden_act="gelu"), ["'hidden_act'"]),
+    (dict(hidden_size=None), ["'hidden_size'"]),
+])
+def test_bad_config_fails_cleanly(hf_dir, tmp_path, capsys, change, fragments):
+    bad = edited_copy(hf_dir, tmp_path / "bad", **change)
+    out_dir = tmp_path / "out"
+    assert_clean_failure(*run_cli(capsys, "import", str(bad), str(out_dir)), out_dir, *fragments)
+
+
+def test_missing_shard_fails_cleanly(tmp_path, capsys):
+    hf = tmp_path / "sharded"
+    save_tiny_llama(hf, max_shard_size="60KB")
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[1]
+    (hf / victim).unlink()
+    out_dir = tmp_path / "out"
+    assert_clean_failure(*run_cli(capsys, "import", str(hf), str(out_dir)), out_dir, f"missing shard '{victim}'")
+
+
+def test_failure_while_writing_leaves_nothing(hf_dir, tmp_path, capsys, monkeypatch):
+    import training.checkpoint
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(training.checkpoint, "save_params", disk_full)
+    out_dir = tmp_path / "out"
+    with pytest.raises(OSError):
+        main(["import", str(hf_dir), str(out_dir), "--quiet"])
+    assert not out_dir.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_existing_output_and_unexportable_model(hf_dir, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("mine")
+    code, err = run_cli(capsys, "import", str(hf_dir), str(out_dir))
+    assert code == 2 and "already exists" in err and (out_dir / "keep.txt").read_text() == "mine"
+
+    run_dir = tmp_path / "qk"
+    write_config(run_dir, load_config("tiny", ["model.qk_norm=true"]))
+    code, err = run_cli(capsys, "export", str(run_dir), str(tmp_path / "exp"))
+    assert code == 2 and "model.qk_norm" in err and not (tmp_path / "exp").exists()
