@@ -55,6 +55,9 @@ def main(argv=None) -> int:
             return 0
         from training import distributed
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        if cfg.task.kind == "classify":
+            from tasks.classify.train import main as classify_main
+            return classify_main(cfg, args)
         from training.loop import Trainer
         trainer = Trainer(cfg)
     except ConfigError as e:
