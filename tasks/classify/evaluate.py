@@ -1,0 +1,90 @@
+"""Evaluate a classification checkpoint on a CSV: metrics.json, predictions.csv and PNG plots.
+
+A classification checkpoint is a run directory written by tasks/classify/train.py: config.yaml
+(task.num_classes set), labels.json (class names in index order), the tokenizer, checkpoints/.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from configs import ConfigError
+from tasks.classify import model as cm
+from tasks.classify.dataset import DatasetError, Examples, LabelMap, encode_texts, read_csv
+from tasks.classify.metrics import classification_metrics
+
+
+def load_classifier(run_dir: str | Path, mesh, overrides=()):
+    """(cfg, graphdef, params, tokenizer, LabelMap) of a classification run directory."""
+    from interop.tokenizers import has_tokenizer, load_tokenizer_dir
+    from training.checkpoint import Checkpointer, read_config
+    from training.state import abstract_with_shardings
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"checkpoint directory not found: {run_dir}")
+    cfg = read_config(run_dir, list(overrides))
+    if cfg.task.kind != "classify":
+        raise ConfigError(f"{run_dir} is a language-model checkpoint (task.kind {cfg.task.kind}); "
+                          "use `evaluate.py lm` or `evaluate.py choice`")
+    labels = LabelMap.load(run_dir / "labels.json")
+    if not has_tokenizer(run_dir):
+        raise ConfigError(f"{run_dir} has no tokenizer (tokenizer.model or tokenizer.json)")
+    graphdef, abstract, shardings = cm.layout(cfg, len(labels.names), mesh)
+    ckpt = Checkpointer(run_dir, async_save=False)
+    try:
+        found = ckpt.restore(abstract_with_shardings(abstract["params"], shardings["params"]))
+    finally:
+        ckpt.close()
+    if found is None:
+        raise ConfigError(f"no loadable checkpoint in {run_dir}/checkpoints")
+    return cfg, graphdef, found[1], load_tokenizer_dir(run_dir), labels
+
+
+def predict(cfg, graphdef, params, tokenizer, texts: list[str], mesh, batch_size: int | None = None):
+    """Class probabilities [N,C] for `texts`, tokenized as in training (task.max_len)."""
+    tokens, lengths = encode_texts(texts, tokenizer, cfg.task.max_len)
+    fn = cm.jit_predict(graphdef, mesh, cm.layout(cfg, params["head_b"].shape[0], mesh)[2]["params"])
+    return cm.predict_probs(fn, params, tokens, lengths, batch_size or cfg.train.batch_size)
+
+
+def write_report(out_dir: str | Path, ex: Examples, probs: np.ndarray, class_names: list[str],
+                 y_true: np.ndarray | None, extra: dict | None = None) -> dict | None:
+    """Write predictions.csv (id, true label, predicted label, p_<class>...) and, with labels,
+    metrics.json, confusion_matrix.png and roc_curves.png. Returns the metrics (or None)."""
+    from tasks.classify.plots import plot_confusion, plot_roc
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pred = probs.argmax(axis=1)
+    with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "true_label", "predicted_label"] + [f"p_{c}" for c in class_names])
+        for i in range(len(ex)):
+            true = ex.labels[i] if ex.labels is not None else ""
+            w.writerow([ex.ids[i], true, class_names[pred[i]]] + [f"{p:.6f}" for p in probs[i]])
+    if y_true is None:
+        return None
+    metrics = classification_metrics(y_true, pred, probs, class_names)
+    nll = -np.log(np.maximum(probs[np.arange(len(y_true)), y_true], 1e-12))
+    metrics["loss"] = float(nll.mean())
+    metrics.update(extra or {})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    plot_confusion(np.array(metrics["confusion_matrix"]), class_names, out / "confusion_matrix.png")
+    plot_roc(y_true, probs, class_names, out / "roc_curves.png")
+    return metrics
+
+
+def evaluate_csv(run_dir: str | Path, csv_path: str | Path, out_dir: str | Path, mesh,
+                 text_column: str | None = None, label_column: str | None = None) -> dict | None:
+    """The `evaluate.py classify` command: predictions for every row, metrics when labelled."""
+    cfg, graphdef, params, tokenizer, labels = load_classifier(run_dir, mesh)
+    ex = read_csv(csv_path, text_column or cfg.data.text_column, label_column or cfg.data.label_column,
+                  require_labels=False)
+    y_true = labels.encode(ex) if ex.labels is not None else None
+    if len(ex) == 0:
+        raise DatasetError(f"{csv_path} has no rows")
+    probs = predict(cfg, graphdef, params, tokenizer, ex.texts, mesh)
+    return write_report(out_dir, ex, probs, labels.names, y_true,
+                        {"checkpoint": str(run_dir), "data": str(csv_path)})
