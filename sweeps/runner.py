@@ -1,0 +1,279 @@
+"""Run a sweep's trials as train.py subprocesses, resumably.
+
+State lives in SWEEP_DIR/trials.json (rewritten atomically after every change): each trial's
+overrides, status, return code, error line and launch count. A trial is `finished` only when its
+train.py exited 0 *and* its metrics.jsonl reached train.steps, so a trial stopped by a signal
+(train.py saves and exits 0 then) is `interrupted` and resumes from its checkpoint on the next run.
+
+Trials are launched and polled from the main thread (no thread pool): that keeps signal handling
+simple, and lets every child carry PR_SET_DEATHSIG, which Linux ties to the thread that forked it.
+If the sweep process is SIGKILLed, its children get SIGTERM, save a checkpoint and exit.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+from sweeps.spec import ROOT, SweepError, SweepSpec, Trial, definition_hash, trial_config
+
+STATE_FILE = "trials.json"
+DONE = ("finished", "failed")
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr."""
+    print(f"[sweep] {msg}", file=sys.stderr, flush=True)
+
+
+def trial_dir(spec: SweepSpec, trial: Trial) -> Path:
+    return spec.sweep_dir / trial.id
+
+
+def trial_command(spec: SweepSpec, trial: Trial, python: str = sys.executable,
+                  extra: tuple[str, ...] = ()) -> list[str]:
+    """The train.py argv of one trial; `extra` carries sweep-level additions (shared tokenizer)."""
+    script = ROOT / "train.py"
+    try:  # relative when launched from the repo root: pasteable on another machine
+        script = script.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return [python, str(script), spec.base, *trial.overrides, *extra, f"train.run_dir={trial_dir(spec, trial)}"]
+
+
+# --------------------------------------------------------------------------------------- state
+
+class SweepState:
+    """trials.json: one record per trial, keyed by trial id."""
+
+    def __init__(self, spec: SweepSpec):
+        self.spec, self.path = spec, spec.sweep_dir / STATE_FILE
+        self.records: dict[str, dict] = {}
+        if self.path.is_file():
+            try:
+                saved = json.loads(self.path.read_text())
+            except json.JSONDecodeError as e:
+                raise SweepError(f"{self.path} is not valid JSON ({e}); delete it to restart the sweep") from None
+            self.records = {r["id"]: r for r in saved.get("trials", [])}
+        for trial in spec.trials:
+            definition = definition_hash(trial, spec.base)
+            old = self.records.get(trial.id)
+            if old is not None and old.get("definition") != definition:
+                raise SweepError(f"{spec.sweep_dir} holds trial {trial.id} with other overrides "
+                                 f"({' '.join(old.get('overrides', []))}); the sweep file changed: "
+                                 f"pass --sweep-dir NEW or delete {spec.sweep_dir}")
+            if old is None:
+                self.records[trial.id] = {
+                    "id": trial.id, "overrides": list(trial.overrides), "values": trial.values,
+                    "definition": definition, "status": "pending", "returncode": None, "error": None,
+                    "launches": 0, "pid": None, "run_dir": str(trial_dir(spec, trial))}
+
+    def __getitem__(self, trial_id: str) -> dict:
+        return self.records[trial_id]
+
+    def save(self) -> None:
+        """Atomic rewrite: a kill mid-write leaves the previous file intact."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        body = {"sweep": str(self.spec.path), "metric": self.spec.metric, "direction": self.spec.direction,
+                "trials": [self.records[t.id] for t in self.spec.trials]}
+        tmp.write_text(json.dumps(body, indent=1))
+        os.replace(tmp, self.path)
+
+
+def read_state(sweep_dir: Path) -> dict:
+    """trials.json as a dict (empty when the sweep has not started)."""
+    path = Path(sweep_dir) / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# ----------------------------------------------------------------------------- processes
+
+def _die_with_parent() -> None:
+    """preexec_fn: ask Linux to SIGTERM this child when the sweep process dies (even by SIGKILL)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_DEATHSIG
+    except OSError:
+        pass  # not Linux: children outlive a killed sweep; the rerun then waits for them
+
+
+def _alive(pid: int | None, run_dir: str) -> bool:
+    """Is `pid` a live (non-zombie) train.py of this run_dir? Guards against pid reuse."""
+    if not pid:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and f"train.run_dir={run_dir}" in cmdline
+
+
+def wait_for_leftovers(state: SweepState, timeout: float = 300.0) -> None:
+    """A killed sweep's trials may still be saving their checkpoint: let them exit before relaunching."""
+    deadline = time.time() + timeout
+    for rec in state.records.values():
+        if rec["status"] == "running" and _alive(rec.get("pid"), rec["run_dir"]):
+            log(f"waiting for {rec['id']} (pid {rec['pid']}) left running by a previous sweep to exit")
+            while _alive(rec["pid"], rec["run_dir"]):
+                if time.time() > deadline:
+                    raise SweepError(f"trial {rec['id']} (pid {rec['pid']}) from a previous sweep is still "
+                                     f"running; stop it before resuming the sweep")
+                time.sleep(0.5)
+
+
+def error_line(log_path: Path, returncode: int) -> str:
+    """The line that says why a trial failed: train.py's `error:` line, else the exception line."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        lines = []
+    pick = next((ln for ln in reversed(lines) if ln.startswith("error:")), None)
+    if pick is None:
+        pick = next((ln for ln in reversed(lines) if ln.split(":")[0].endswith(("Error", "Exception"))
+                     and " " not in ln.split(":")[0]), None)
+    if pick is None and lines:
+        pick = lines[-1]
+    if returncode < 0:
+        pick = f"killed by {signal.Signals(-returncode).name}" + (f"; {pick}" if pick else "")
+    return (pick or f"exit code {returncode}")[:400]
+
+
+def last_step(run_dir: Path) -> int:
+    """The highest step recorded in a run's metrics.jsonl (-1 without one)."""
+    step = -1
+    try:
+        with open(run_dir / "metrics.jsonl") as f:
+            for line in f:
+                try:
+                    step = max(step, int(json.loads(line).get("step", -1)))
+                except (ValueError, AttributeError):
+                    continue  # a line cut short by a kill
+    except OSError:
+        pass
+    return step
+
+
+class _Stop:
+    """SIGTERM/SIGINT on the sweep: remember it; the loop stops its trials gracefully."""
+
+    def __init__(self):
+        self.signum = None
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+# --------------------------------------------------------------------------------- the run
+
+def _lock(sweep_dir: Path):
+    """One sweep.py per sweep_dir at a time (released by the OS even if this process is killed)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    fd = open(sweep_dir / ".lock", "w")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SweepError(f"sweep_dir {sweep_dir} is in use by another sweep.py") from None
+    return fd
+
+
+def run_sweep(spec: SweepSpec, retry_failed: bool = False, extra: tuple[str, ...] = (),
+              on_change=None) -> int:
+    """Run every unfinished trial; returns 0 if all finished, 1 if some failed, 128+sig if stopped.
+
+    `extra`: overrides added to every trial's command (e.g. the shared tokenizer);
+    `on_change(state)`: called after each trial ends (the results table is rewritten there).
+    """
+    lock = _lock(spec.sweep_dir)
+    state = SweepState(spec)
+    wait_for_leftovers(state)
+    todo = [t for t in spec.trials
+            if state[t.id]["status"] not in DONE or (retry_failed and state[t.id]["status"] == "failed")]
+    skipped = len(spec.trials) - len(todo)
+    if skipped:
+        log(f"{skipped} of {len(spec.trials)} trials already done; {len(todo)} to run")
+    index = {t.id: i + 1 for i, t in enumerate(spec.trials)}
+    n = len(spec.trials)
+    queue, running = deque(todo), {}
+    stop = _Stop()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        while queue or running:
+            while queue and len(running) < spec.parallel and stop.signum is None:
+                trial = queue.popleft()
+                rec, run_dir = state[trial.id], trial_dir(spec, trial)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                cmd = trial_command(spec, trial, extra=extra)
+                logf = open(run_dir / "train.log", "a")
+                logf.write(f"$ {shlex.join(cmd)}\n")
+                logf.flush()
+                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                        preexec_fn=_die_with_parent)
+                resumed = " (resuming)" if rec["launches"] else ""
+                rec.update(status="running", pid=proc.pid, launches=rec["launches"] + 1,
+                           started=time.time(), returncode=None, error=None)
+                state.save()
+                running[trial.id] = (proc, logf, trial)
+                log(f"trial {index[trial.id]}/{n} {trial.id} started{resumed}: {' '.join(trial.overrides)}")
+            if stop.signum is not None:
+                for proc, _, _ in running.values():
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGTERM)  # train.py checkpoints and exits
+            for tid, (proc, logf, trial) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                logf.close()
+                del running[tid]
+                _record_end(spec, state, trial, rc, f"trial {index[tid]}/{n} {tid}", stop.signum is not None)
+                if on_change:
+                    on_change(state)
+            time.sleep(0.2)
+    finally:
+        stop.restore()
+        for proc, logf, _ in running.values():  # only on an exception: leave no orphans
+            proc.terminate()
+            proc.wait()
+            logf.close()
+        state.save()
+        lock.close()
+    if stop.signum is not None:
+        log(f"{signal.Signals(stop.signum).name}: stopped; rerun the same command to resume")
+        return 128 + stop.signum
+    failed = [r["id"] for r in state.records.values() if r["status"] == "failed"]
+    return 1 if failed else 0
+
+
+def _record_end(spec: SweepSpec, state: SweepState, trial: Trial, rc: int, label: str, stopping: bool) -> None:
+    rec = state[trial.id]
+    run_dir = trial_dir(spec, trial)
+    steps, target = last_step(run_dir), trial_config(spec, trial).train.steps
+    rec.update(returncode=rc, pid=None, ended=time.time())
+    if rc == 0 and steps >= target:
+        rec.update(status="finished", error=None)
+        from sweeps.report import trial_summary
+        value = trial_summary(run_dir, spec.metric)["metric"]
+        shown = "n/a" if value is None else f"{value:.4f}"
+        log(f"{label} finished: {spec.metric} {shown} after {steps} steps")
+    elif rc == 0 or stopping:  # stopped by a signal (ours, or a preemption's): not a failure
+        rec.update(status="interrupted", error=f"stopped at step {max(steps, 0)} of {target}")
+        log(f"{label} interrupted at step {max(steps, 0)} of {target}; it resumes on the next run")
+    else:
+        rec.update(status="failed", error=error_line(run_dir / "train.log", rc))
+        log(f"{label} failed (exit code {rc}): {rec['error']}")
+    state.save()
