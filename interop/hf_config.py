@@ -6,7 +6,6 @@ one-line `HFError` naming the config field, never a silently different model.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -20,10 +19,6 @@ ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "he
                "max_seq_len", "tie_embeddings", "norm_eps", "rope_theta", "rope_scaling_factor",
                "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len", "qkv_bias",
                "qk_norm", "sliding_window", "attn_logit_softcap")
-# safetensors dtype names -> Tessera param dtype for `param_dtype=auto`: bf16 stays bf16 (halves
-# host memory for big models); fp16 widens to fp32 because fp16 -> bf16 would lose mantissa bits.
-AUTO_PARAM_DTYPE = {"BF16": "bfloat16", "F16": "float32", "F32": "float32", "F64": "float32"}
-
 
 class HFError(ConfigError):
     """A Hugging Face directory Tessera cannot convert: the message is one line naming the field,
@@ -118,7 +113,7 @@ def _sliding_window(hf: dict, family: str, n_layers: int) -> int:
     raise HFError("unsupported config.json field 'max_window_layers': sliding window on only some layers")
 
 
-def model_config_from_hf(hf: dict, param_dtype: str = "float32") -> ModelConfig:
+def model_config_from_hf(hf: dict) -> ModelConfig:
     """The Tessera ModelConfig of an HF config.json dict (raises HFError when unsupported)."""
     family = family_of(hf)
     act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
@@ -137,12 +132,13 @@ def model_config_from_hf(hf: dict, param_dtype: str = "float32") -> ModelConfig:
         max_seq_len=int(_require(hf, "max_position_embeddings")),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=family == "qwen2",
-        sliding_window=_sliding_window(hf, family, n_layers), param_dtype=param_dtype, **_rope(hf))
+        sliding_window=_sliding_window(hf, family, n_layers), **_rope(hf))
 
 
 def tessera_config(model: ModelConfig, overrides: list[str] | tuple = ()) -> Config:
-    """A full Config around an imported architecture: base.yaml defaults, then `overrides`."""
-    arch = {k: getattr(model, k) for k in ARCH_FIELDS + ("param_dtype",)}
+    """A full Config around an imported architecture: base.yaml defaults (so params are fp32
+    whatever the checkpoint's dtype, as training expects), then `overrides`."""
+    arch = {k: getattr(model, k) for k in ARCH_FIELDS}
     # base.yaml's data.seq_len may exceed a small model's context; validation would reject it.
     data = {"model": arch, "data": {"seq_len": min(256, model.max_seq_len)}}
     try:
@@ -185,7 +181,3 @@ def hf_config_from_model(m: ModelConfig, bos_id: int | None = None, eos_id: int 
                   max_window_layers=0 if m.sliding_window else m.n_layers)
     return hf
 
-
-def model_dict(m: ModelConfig) -> dict:
-    """The architecture fields of a ModelConfig (for comparisons and logs)."""
-    return {k: v for k, v in dataclasses.asdict(m).items() if k in ARCH_FIELDS}

@@ -5,32 +5,55 @@
 - Tessera run directory (has config.yaml): the saved config plus `overrides`, the newest params
   restored by orbax onto `mesh` (resharded if the mesh differs from the one that saved them).
 - Hugging Face directory (config.json + safetensors): the architecture read from config.json,
-  base.yaml defaults for everything else, then `overrides`; every device shard is built straight
-  from the memory-mapped safetensors, so nothing is written and no host copy of the model is made.
+  base.yaml defaults for everything else (params fp32 unless model.param_dtype is overridden),
+  then `overrides`; every device shard is built straight from the memory-mapped safetensors, so
+  nothing is written and no host copy of the model is made.
 Either way `params` is an nnx.State for `nnx.merge(graphdef, params)`, sharded by the logical-axis
 rules `rules` (default cfg.mesh.rules); the tokenizer is None when the directory has none.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from flax import nnx
 
 from configs import Config, ConfigError
-from interop.hf_config import AUTO_PARAM_DTYPE, HFError, is_hf_dir, model_config_from_hf, read_json, tessera_config
-from interop.hf_weights import SafetensorsDir, load_params_from_hf
+from interop.hf_config import ARCH_FIELDS, HFError, model_config_from_hf, read_json, tessera_config
+from interop.hf_weights import load_params_from_hf
 from interop.tokenizers import has_tokenizer, load_tokenizer_dir
 
 
 def hf_config(hf_dir: str | Path, overrides: list[str] | tuple = ()) -> Config:
-    """The Tessera Config of an HF directory. model.param_dtype defaults to the checkpoint's own
-    (bf16 stays bf16, fp16/fp32 load as fp32); `model.param_dtype=...` in overrides wins."""
-    hf_dir = Path(hf_dir)
-    hf = read_json(hf_dir / "config.json")
-    src = SafetensorsDir(hf_dir)
-    first = "model.embed_tokens.weight" if "model.embed_tokens.weight" in src.info else src.names()[0]
-    model = model_config_from_hf(hf, AUTO_PARAM_DTYPE.get(src.dtype_name(first), "float32"))
-    return tessera_config(model, overrides)
+    """The Tessera Config of an HF directory's config.json, with `overrides` applied."""
+    return tessera_config(model_config_from_hf(read_json(Path(hf_dir) / "config.json")), overrides)
+
+
+def _kind(p: Path) -> str:
+    if (p / "config.yaml").is_file():
+        return "tessera"
+    if (p / "config.json").is_file():
+        return "hf"
+    if not p.is_dir():
+        raise ConfigError(f"checkpoint directory not found: {p}")
+    raise HFError(f"{p} is neither a Tessera run directory (config.yaml) nor a Hugging Face "
+                  "model directory (config.json + *.safetensors)")
+
+
+def checkpoint_config(path: str | Path, overrides: list[str] | tuple = ()) -> Config:
+    """The Config of either kind of directory, without reading any weights."""
+    p = Path(path)
+    if _kind(p) == "tessera":
+        from training.checkpoint import read_config
+        return read_config(p, list(overrides))
+    return hf_config(p, overrides)
+
+
+def adopt_architecture(cfg: Config, source: Config) -> Config:
+    """`cfg` with the model architecture of `source` (e.g. a fine-tuning config taking the shape
+    of its train.init_from checkpoint); runtime choices (dtypes, remat, scan, attention) stay."""
+    arch = {k: getattr(source.model, k) for k in ARCH_FIELDS}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **arch))
 
 
 def load_hf_params(hf_dir: str | Path, cfg: Config, mesh, rules: str | None = None, progress: bool = True):
@@ -57,16 +80,10 @@ def load_checkpoint(path: str | Path, mesh, rules: str | None = None, overrides:
                     progress: bool = True):
     """(cfg, graphdef, params state, tokenizer or None) of a Tessera run dir or an HF dir."""
     p = Path(path)
-    if (p / "config.yaml").is_file():
-        from training.checkpoint import load_params, read_config
-        cfg = read_config(p, list(overrides))
+    cfg = checkpoint_config(p, overrides)
+    if _kind(p) == "tessera":
+        from training.checkpoint import load_params
         graphdef, params = load_params(p, cfg, mesh, rules)
-    elif is_hf_dir(p):
-        cfg = hf_config(p, overrides)
-        graphdef, params = load_hf_params(p, cfg, mesh, rules, progress)
-    elif not p.is_dir():
-        raise ConfigError(f"checkpoint directory not found: {p}")
     else:
-        raise HFError(f"{p} is neither a Tessera run directory (config.yaml) nor a Hugging Face "
-                      "model directory (config.json + *.safetensors)")
+        graphdef, params = load_hf_params(p, cfg, mesh, rules, progress)
     return cfg, graphdef, params, load_tokenizer_for(p, cfg)

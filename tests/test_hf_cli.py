@@ -17,6 +17,7 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+torch.set_num_threads(1)  # tiny models: threads only contend on the shared 2-core machines
 
 from configs import load_config  # noqa: E402
 from interop.hf import main  # noqa: E402
@@ -89,12 +90,13 @@ def test_import_export_with_tokenizer(hf_dir, tmp_path, capsys, mesh):
     config = json.loads((out_dir / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
 
-    # bfloat16 export: transformers reads it; re-import keeps bf16 (auto dtype) and the same values.
+    # bfloat16 export: transformers reads it as bf16; loading it back gives the bf16-rounded values
+    # (as fp32 by default, bf16 with model.param_dtype=bfloat16).
     assert run_cli(capsys, "export", str(run_dir), str(bf16_dir), "--dtype", "bfloat16")[0] == 0
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(bf16_dir)
     assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
-    cfg16, _, state16, _ = load_checkpoint(bf16_dir, mesh, progress=False)
-    assert cfg16.model.param_dtype == "bfloat16"
+    cfg16, _, state16, _ = load_checkpoint(bf16_dir, mesh, overrides=["model.param_dtype=bfloat16"], progress=False)
+    assert cfg16.model.param_dtype == "bfloat16" and cfg.model.param_dtype == "float32"
     expected = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16), nnx.to_pure_dict(state))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.to_pure_dict(state16)), expected)
 
@@ -172,3 +174,17 @@ def test_existing_output_and_unexportable_model(hf_dir, tmp_path, capsys):
     write_config(run_dir, load_config("tiny", ["model.qk_norm=true"]))
     code, err = run_cli(capsys, "export", str(run_dir), str(tmp_path / "exp"))
     assert code == 2 and "model.qk_norm" in err and not (tmp_path / "exp").exists()
+
+
+def test_checkpoint_config_and_adopt_architecture(hf_dir, tmp_path, mesh):
+    from configs import ConfigError
+    from interop.load import adopt_architecture, checkpoint_config
+    src = checkpoint_config(hf_dir)
+    assert (src.model.d_model, src.model.vocab_size, src.model.n_kv_heads) == (64, 320, 2)
+    cfg = adopt_architecture(load_config("tiny", ["model.remat=full"]), src)
+    assert cfg.model.d_model == 64 and cfg.model.remat == "full" and not cfg.model.tie_embeddings
+    with pytest.raises(ConfigError, match="neither a Tessera run directory"):
+        checkpoint_config(tmp_path)
+    (tmp_path / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
+    with pytest.raises(ConfigError, match=r"no \*.safetensors weights"):
+        load_checkpoint(tmp_path, mesh)
