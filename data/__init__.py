@@ -1,0 +1,17 @@
+"""Data: the embedded stdlib corpus or user data, a sentencepiece tokenizer, packed deterministic
+batches (grain), and bits-per-byte metrics.
+
+    tok = load_tokenizer(cfg, run_dir)
+    train = make_loader(cfg, tok, run_dir, "train", process_index, process_count)
+    batch = train.batch(step)   # inputs/targets/segment_ids/positions [b, T] int32, loss_mask float32
+"""
+from data.corpus import split_documents, stdlib_files, validation_texts
+from data.errors import DataError
+from data.loader import Loader, make_loader
+from data.metrics import bits_per_byte, token_bytes, xz_bits_per_byte
+from data.packing import make_rows, pack_stream
+from data.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, load_tokenizer, train_tokenizer
+
+__all__ = ["BOS", "DataError", "EOS", "Loader", "PAD", "Tokenizer", "UNK", "bits_per_byte",
+           "load_tokenizer", "make_loader", "make_rows", "pack_stream", "split_documents",
+           "stdlib_files", "token_bytes", "train_tokenizer", "validation_texts", "xz_bits_per_byte"]

@@ -1,0 +1,127 @@
+"""SentencePiece tokenizer: trained on the training split (saved as RUN_DIR/tokenizer.model) or loaded.
+
+Reserved ids of a trained tokenizer: pad=0, bos=1, eos=2, unk=3; then the 256 byte-fallback pieces
+<0x00>..<0xFF>, then learned pieces. Settings are chosen for source code and exact round trips:
+BPE (fast to train), byte_fallback (any text encodes, never unk), identity normalization,
+remove_extra_whitespaces=False and add_dummy_prefix=False (indentation and leading spaces survive
+decoding), allow_whitespace_only_pieces + split_by_whitespace=False (pieces such as '▁▁▁▁' and
+'▁▁▁▁def'), digits not split. Newlines are not in the trainer's sentences (it is fed lines), so a
+newline encodes as the byte piece <0x0A>.
+"""
+from __future__ import annotations
+
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+import sentencepiece as spm
+
+from data.corpus import split_documents, stable_fraction
+from data.errors import DataError
+
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+MIN_VOCAB = 384  # 4 control + 256 byte pieces + the corpus's common characters and some merges
+TOKENIZER_FILE = "tokenizer.model"
+
+
+class Tokenizer:
+    """A SentencePiece model with the ids the data pipeline needs.
+
+    Attributes: sp (SentencePieceProcessor), path, vocab_size, bos_id, eos_id, pad_id (pad falls back
+    to 0 for foreign models without one: padded positions are masked out anyway).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        except (OSError, RuntimeError):
+            raise DataError(f"tokenizer file {self.path} is not a valid sentencepiece model") from None
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise DataError(f"tokenizer file {self.path} defines no bos/eos pieces")
+        self.pad_id = max(self.sp.pad_id(), 0)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no bos/eos added)."""
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
+        """Token ids of many texts, encoded by sentencepiece's C++ threads (the GIL is released)."""
+        return self.sp.encode(list(texts), num_threads=num_threads)
+
+    def decode(self, ids) -> str:
+        """Text of token ids; control ids (pad/bos/eos) decode to nothing."""
+        return self.sp.decode([int(i) for i in ids])
+
+
+def _sample_lines(docs: list[str], max_bytes: int):
+    """Lines of the documents, in a stable pseudo-random document order, up to `max_bytes` of text.
+
+    The order is by content hash so a byte budget below the corpus size still samples every part of
+    it, and the sample (hence the tokenizer) is identical on every machine.
+    """
+    order = sorted(range(len(docs)), key=lambda i: stable_fraction(f"{i}:{docs[i][:256]}"))
+    used = 0
+    for i in order:
+        for line in docs[i].split("\n"):
+            used += len(line.encode("utf-8")) + 1
+            if used > max_bytes:
+                return
+            if line:
+                yield line
+
+
+def train_tokenizer(docs: list[str], vocab_size: int, path: str | os.PathLike, sample_bytes: int,
+                    num_threads: int = 2) -> Tokenizer:
+    """Train a BPE byte-fallback tokenizer of `vocab_size` on `docs` and write it atomically to `path`."""
+    if vocab_size < MIN_VOCAB:
+        raise DataError(f"model.vocab_size ({vocab_size}) is too small for a byte-fallback tokenizer "
+                        f"(needs at least {MIN_VOCAB})")
+    print(f"[data] training a {vocab_size}-piece tokenizer on up to {sample_bytes / 1e6:.0f} MB of text",
+          file=sys.stderr, flush=True)
+    t0 = time.time()
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sample_lines(docs, sample_bytes), model_writer=model,
+            model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
+            pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=UNK,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_by_whitespace=False,
+            split_digits=False, character_coverage=0.9995, max_sentence_length=16384,
+            hard_vocab_limit=False, num_threads=num_threads, minloglevel=2)
+    except RuntimeError as e:
+        raise DataError(f"tokenizer training failed: {str(e).strip().splitlines()[-1]}") from None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written tokenizer
+    print(f"[data] tokenizer trained in {time.time() - t0:.1f}s -> {path}", file=sys.stderr, flush=True)
+    return Tokenizer(path)
+
+
+def load_tokenizer(cfg, run_dir: str | os.PathLike) -> Tokenizer:
+    """The run's tokenizer: data.tokenizer if set, else RUN_DIR/tokenizer.model, trained if missing.
+
+    Its vocabulary must fit model.vocab_size (the embedding table).
+    """
+    want = cfg.model.vocab_size
+    if cfg.data.tokenizer:
+        if not Path(cfg.data.tokenizer).is_file():
+            raise DataError(f"tokenizer file not found: {cfg.data.tokenizer} (data.tokenizer)")
+        tok = Tokenizer(cfg.data.tokenizer)
+    else:
+        path = Path(run_dir) / TOKENIZER_FILE
+        if path.is_file():
+            tok = Tokenizer(path)
+        else:
+            docs = split_documents(cfg, "train")
+            tok = train_tokenizer(docs, want, path, cfg.data.tokenizer_sample_bytes)
+    if tok.vocab_size > want:
+        raise DataError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but model.vocab_size is {want}")
+    return tok
