@@ -7,6 +7,9 @@ remove_extra_whitespaces=False and add_dummy_prefix=False (indentation and leadi
 decoding), allow_whitespace_only_pieces + split_by_whitespace=False (pieces such as '▁▁▁▁' and
 '▁▁▁▁def'), digits not split. Newlines are not in the trainer's sentences (it is fed lines), so a
 newline encodes as the byte piece <0x0A>.
+
+decode(encode(text)) == text for any text, with one exception inherent to sentencepiece: the
+character U+2581 '▁' itself (its space symbol) decodes as a space.
 """
 from __future__ import annotations
 
@@ -108,7 +111,8 @@ def train_tokenizer(docs: list[str], vocab_size: int, path: str | os.PathLike, s
 def load_tokenizer(cfg, run_dir: str | os.PathLike) -> Tokenizer:
     """The run's tokenizer: data.tokenizer if set, else RUN_DIR/tokenizer.model, trained if missing.
 
-    Its vocabulary must fit model.vocab_size (the embedding table).
+    A trained tokenizer has model.vocab_size pieces with pad=0, bos=1, eos=2, unk=3 and byte fallback;
+    its vocabulary must fit model.vocab_size (the embedding table) either way.
     """
     want = cfg.model.vocab_size
     if cfg.data.tokenizer:
