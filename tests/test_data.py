@@ -51,7 +51,7 @@ def test_stdlib_split_is_stable_and_about_five_percent():
     files = stdlib_files()
     assert files == sorted(files) and len(files) > 500
     assert not any("site-packages" in f or f.startswith("test/tokenizedata/") or "__pycache__" in f
-                   for f in files)
+                   or f.startswith("lib2to3/tests/data/") for f in files)
     val = [f for f in files if is_val(f, 0.05)]
     assert val == [f for f in stdlib_files() if is_val(f, 0.05)]
     assert 0.03 < len(val) / len(files) < 0.07
@@ -108,6 +108,14 @@ def test_tokenizer_round_trips_code_and_reserves_ids(tok, corpus_dir, run_dir):
     assert tok.decode(tok.encode(src)) == src
     assert 3 not in tok.encode(CODE)  # byte fallback: never unk
     assert tok.decode([1] + tok.encode("x = 1") + [2, 0]) == "x = 1"
+
+
+def test_tokenizer_training_is_deterministic(tmp_path):
+    docs = [CODE * 3, "def g(y):\n    return y + 1\n" * 20]
+    a = data.train_tokenizer(docs, 400, tmp_path / "a.model", 10_000)
+    b = data.train_tokenizer(docs, 400, tmp_path / "b.model", 10_000)
+    assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
+    assert a.decode(a.encode(CODE)) == CODE and b.vocab_size == 400
 
 
 def test_tokenizer_is_reused_not_retrained(tok, corpus_dir, run_dir, monkeypatch):
