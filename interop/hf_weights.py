@@ -149,6 +149,9 @@ class SafetensorsDir:
                 if not (self.dir / file).is_file():
                     raise HFError(f"missing shard '{file}' (holds tensor '{name}', listed in {INDEX_FILE})")
             files = sorted(set(weight_map.values()))
+        elif (self.dir / "model.safetensors").is_file():
+            # Mistral repos also ship consolidated.safetensors (Mistral's own layout): ignore it.
+            files, weight_map = ["model.safetensors"], None
         else:
             files = sorted(p.name for p in self.dir.glob("*.safetensors"))
             if not files:

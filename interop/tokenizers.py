@@ -1,8 +1,10 @@
 """Tokenizers of Hugging Face and Tessera directories behind the `data.Tokenizer` interface.
 
-Both classes expose .vocab_size, .encode(str) -> list[int], .decode(list[int]) -> str, .bos_id,
-.eos_id, .pad_id (-1 when undefined, as sentencepiece reports it), .path, plus .eos_ids (every
-stop id from tokenizer_config/generation_config), .chat_template (jinja source or None) and
+Both classes expose what data.Tokenizer has: .vocab_size, .encode(str) -> list[int],
+.encode_batch(list[str]) -> list[list[int]], .decode(list[int]) -> str, .bos_id, .eos_id, .pad_id
+(0 when the tokenizer defines no pad, as data.Tokenizer: padded positions are masked anyway),
+.path; plus .eos_ids (every stop id from tokenizer_config/generation_config), .token_bytes()
+(UTF-8 bytes per id, for bits-per-byte), .chat_template (jinja source or None) and
 .apply_chat_template(messages, add_generation_prompt=True) -> str.
 
 `encode` adds no special tokens (as sentencepiece's encode), so ids equal transformers'
@@ -11,8 +13,11 @@ stop id from tokenizer_config/generation_config), .chat_template (jinja source o
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
+
+import numpy as np
 
 from interop.hf_config import HFError, read_json
 
@@ -88,7 +93,10 @@ class HFTokenizer(ChatTemplateMixin):
         import tokenizers
         self.directory = Path(directory)
         self.path = str(self.directory / "tokenizer.json")
-        self._tok = tokenizers.Tokenizer.from_file(self.path)
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(self.path)
+        except Exception as e:  # the Rust error is one long line; keep its first sentence
+            raise HFError(f"cannot read {self.path}: {str(e).splitlines()[0][:200]}") from None
         config = {**_json_if_exists(self.directory / "special_tokens_map.json"),
                   **_json_if_exists(self.directory / "tokenizer_config.json")}
         self.bos_token, self.eos_token = _token(config.get("bos_token")), _token(config.get("eos_token"))
@@ -99,12 +107,31 @@ class HFTokenizer(ChatTemplateMixin):
         if not self.eos_token and self.eos_id >= 0:
             self.eos_token = self._tok.id_to_token(self.eos_id)
         self.eos_ids = tuple(dict.fromkeys([i for i in [self.eos_id] + stops if i >= 0]))
-        self.pad_id = self._id(self.pad_token)
+        self.pad_id = max(self._id(self.pad_token), 0)
         self.chat_template = read_chat_template(self.directory, config)
 
     def _id(self, token: str | None) -> int:
         tid = self._tok.token_to_id(token) if token else None
         return -1 if tid is None else tid
+
+    def _byte_level(self) -> bool:
+        """Whether tokens spell bytes in GPT-2's byte alphabet (Llama 3, Qwen2) rather than text."""
+        return '"ByteLevel"' in json.dumps(json.loads(self._tok.to_str()).get("decoder"))
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for, int32 [V]: 0 for special tokens, 1 for <0xNN> byte
+        pieces, one per character for byte-level tokens, else the piece's text ('▁' a space)."""
+        out = np.zeros(self.vocab_size, np.int32)
+        special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        byte_level = self._byte_level()
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if token in special or i >= len(out):
+                continue
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+                out[i] = 1
+            else:
+                out[i] = len(token) if byte_level else len(token.replace("\u2581", " ").encode("utf-8"))
+        return out
 
     @property
     def vocab_size(self) -> int:
@@ -114,6 +141,10 @@ class HFTokenizer(ChatTemplateMixin):
         """Token ids of `text` without special tokens (with a leading BOS when add_bos)."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return [self.bos_id] + ids if add_bos and self.bos_id >= 0 else ids
+
+    def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
+        """Token ids of many texts (the Rust library parallelises; num_threads is for parity)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; special tokens (BOS, EOS, chat markers) dropped unless asked for."""
@@ -128,36 +159,53 @@ class SentencePieceTokenizer(ChatTemplateMixin):
         import sentencepiece as spm
         self.path = str(model_path)
         self.directory = Path(model_path).parent
-        self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        except (OSError, RuntimeError):
+            raise HFError(f"{self.path} is not a valid sentencepiece model") from None
         config = {**_json_if_exists(self.directory / "special_tokens_map.json"),
                   **_json_if_exists(self.directory / "tokenizer_config.json")}
-        piece = lambda i: self._sp.id_to_piece(i) if i >= 0 else None
-        self.bos_token = _token(config.get("bos_token")) or piece(self._sp.bos_id())
-        self.eos_token = _token(config.get("eos_token")) or piece(self._sp.eos_id())
+        piece = lambda i: self.sp.id_to_piece(i) if i >= 0 else None
+        self.bos_token = _token(config.get("bos_token")) or piece(self.sp.bos_id())
+        self.eos_token = _token(config.get("eos_token")) or piece(self.sp.eos_id())
         self.bos_id, self.eos_id = self._id(self.bos_token), self._id(self.eos_token)
         pad = _token(config.get("pad_token"))
-        self.pad_id = self._id(pad) if pad else self._sp.pad_id()
+        self.pad_id = max(self._id(pad) if pad else self.sp.pad_id(), 0)
         self.eos_ids = tuple(dict.fromkeys([i for i in [self.eos_id] + _stop_ids(self.directory) if i >= 0]))
         self.chat_template = read_chat_template(self.directory, config)
 
     def _id(self, token: str | None) -> int:
         if not token:
             return -1
-        tid = self._sp.piece_to_id(token)
-        return tid if self._sp.id_to_piece(tid) == token else -1  # unknown pieces map to unk
+        tid = self.sp.piece_to_id(token)
+        return tid if self.sp.id_to_piece(tid) == token else -1  # unknown pieces map to unk
 
     @property
     def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
+        return self.sp.get_piece_size()
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text` without special tokens (with a leading BOS when add_bos)."""
-        ids = self._sp.encode(text)
+        ids = self.sp.encode(text)
         return [self.bos_id] + ids if add_bos and self.bos_id >= 0 else ids
+
+    def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
+        """Token ids of many texts, encoded by sentencepiece's C++ threads."""
+        return self.sp.encode(list(texts), num_threads=num_threads)
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for, int32 [V] (as data.metrics.token_bytes)."""
+        out = np.zeros(self.vocab_size, np.int32)
+        for i in range(len(out)):
+            if self.sp.is_control(i) or self.sp.is_unknown(i) or self.sp.is_unused(i):
+                continue
+            piece = self.sp.id_to_piece(i)
+            out[i] = 1 if self.sp.is_byte(i) else len(piece.replace("\u2581", " ").encode("utf-8"))
+        return out
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids` (control tokens such as BOS/EOS decode to nothing)."""
-        return self._sp.decode(list(map(int, ids)))
+        return self.sp.decode(list(map(int, ids)))
 
 
 def load_tokenizer_dir(path: str | Path):

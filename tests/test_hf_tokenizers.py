@@ -95,6 +95,12 @@ def test_ids_match_transformers(kind, bpe_dir, sp_dir):
         assert ours.decode(ours.encode(text, add_bos=True) + [ours.eos_id]) == text
     multi = "\n".join(SAMPLE)
     assert ours.encode(multi) == theirs.encode(multi, add_special_tokens=False)
+    assert ours.encode_batch(SAMPLE) == [ours.encode(t) for t in SAMPLE]
+    # Bytes per token add up to the text's UTF-8 length (+1 for sentencepiece's dummy-prefix space).
+    nbytes = ours.token_bytes()
+    prefix = 1 if kind == "sentencepiece" else 0
+    for text in SAMPLE:
+        assert nbytes[ours.encode(text, add_bos=True) + [ours.eos_id]].sum() == len(text.encode()) + prefix
 
 
 @pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
@@ -113,4 +119,17 @@ def test_specials_and_errors(bpe_dir, tmp_path):
     assert tok.path.endswith("tokenizer.json")
     from configs import ConfigError
     with pytest.raises(ConfigError, match="no tokenizer"):
+        load_tokenizer_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read .*tokenizer.json"):
+        load_tokenizer_dir(tmp_path)
+
+
+def test_sentencepiece_specials(sp_dir, tmp_path):
+    tok = load_tokenizer_dir(sp_dir)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)  # no pad piece: 0, as data.Tokenizer
+    assert tok.path.endswith("tokenizer.model") and tok.sp.get_piece_size() == tok.vocab_size
+    (tmp_path / "tokenizer.model").write_bytes(b"garbage")
+    from configs import ConfigError
+    with pytest.raises(ConfigError, match="not a valid sentencepiece model"):
         load_tokenizer_dir(tmp_path)
