@@ -20,6 +20,7 @@ ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "he
                "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len", "qkv_bias",
                "qk_norm", "sliding_window", "attn_logit_softcap")
 
+
 class HFError(ConfigError):
     """A Hugging Face directory Tessera cannot convert: the message is one line naming the field,
     tensor or file (a ConfigError, so entry points print it and exit with code 2)."""

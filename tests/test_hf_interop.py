@@ -130,3 +130,29 @@ def test_import_logits_greedy_export_roundtrip(case, tmp_path, mesh):
     _, _, again, _ = load_checkpoint(out_dir, mesh, overrides=FP32, progress=False)
     jax.tree.map(np.testing.assert_array_equal, pure(again), pure(state))
     assert json.loads((out_dir / "config.json").read_text())["tie_word_embeddings"] == cfg.model.tie_embeddings
+
+
+def test_config_mapping_of_published_layouts():
+    """transformers 4.x layouts as published on the hub (Llama 3.1, Qwen2 window flags)."""
+    from configs import ConfigError
+    from interop.hf_config import hf_config_from_model, model_config_from_hf
+    llama31 = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+               "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+               "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+               "rope_theta": 500000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+               "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+    m = model_config_from_hf(llama31)
+    assert (m.n_kv_heads, m.resolved_head_dim, m.rope_scaling_factor, m.rope_original_max_len) == (8, 128, 8.0, 8192)
+    assert model_config_from_hf(hf_config_from_model(m)) == m
+    qwen = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 896, "intermediate_size": 4864,
+            "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "vocab_size": 151936,
+            "max_position_embeddings": 32768, "tie_word_embeddings": True, "sliding_window": 32768,
+            "use_sliding_window": False, "max_window_layers": 21}
+    m = model_config_from_hf(qwen)
+    assert m.qkv_bias and m.tie_embeddings and m.sliding_window == 0 and m.resolved_head_dim == 64
+    assert model_config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 0}).sliding_window == 32768
+    with pytest.raises(ConfigError, match="max_window_layers"):
+        model_config_from_hf({**qwen, "use_sliding_window": True})
+    with pytest.raises(ConfigError, match="'attention_bias'"):
+        model_config_from_hf({**llama31, "attention_bias": True})
