@@ -1,0 +1,154 @@
+"""Paged KV cache: fixed-size pages per layer, a page table per sequence, a host-side free list.
+
+Device side (`KVCache`, a pytree): k/v [L, P, page_size, K, H] in bf16/fp32, or int8 with
+k_scale/v_scale [L, P, page_size, K] float32 (one symmetric scale per token and kv head, so a
+token's entry is final once written: value = int8 * scale). Page 0 is never handed out: inactive
+decode slots and padded prefill positions write into it, so a jitted step never needs a branch.
+
+Host side (`PageAllocator`): the free list, each slot's pages and the [max_batch, max_pages]
+page table fed to every step. Pages are taken when a request is admitted (prompt + max_tokens,
+so a running sequence can never run out) and returned the moment it finishes or is cancelled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from configs import Config
+from sharding.rules import RULES
+
+KV_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "int8": jnp.int8}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Stacked per-layer pages; scales are None unless the cache is int8."""
+
+    k: jax.Array                      # [L,P,S,K,H]  S = page_size
+    v: jax.Array                      # [L,P,S,K,H]
+    k_scale: jax.Array | None = None  # [L,P,S,K]
+    v_scale: jax.Array | None = None  # [L,P,S,K]
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+    def layer(self, i):
+        """(k_pages, v_pages, k_scales, v_scales) of layer i, the paged_attention operands."""
+        pick = lambda a: None if a is None else a[i]
+        return self.k[i], self.v[i], pick(self.k_scale), pick(self.v_scale)
+
+
+def cache_shardings(cfg: Config, mesh: Mesh | None, kv_dtype: str):
+    """NamedShardings of a KVCache: kv heads over `tensor` under serve_tp (cache_kv_heads)."""
+    if mesh is None:
+        return None
+    rules = RULES.get(cfg.mesh.rules, {})
+    kv = rules.get("cache_kv_heads")
+    s5 = NamedSharding(mesh, PartitionSpec(None, None, None, kv, None))
+    s4 = NamedSharding(mesh, PartitionSpec(None, None, None, kv))
+    q = kv_dtype == "int8"
+    return KVCache(s5, s5, s4 if q else None, s4 if q else None)
+
+
+def init_cache(cfg: Config, mesh: Mesh | None = None) -> KVCache:
+    """Zeroed cache of cfg.serve.num_pages pages, placed under the serving shardings."""
+    m, s = cfg.model, cfg.serve
+    shape = (m.n_layers, s.num_pages, s.page_size, m.n_kv_heads, m.resolved_head_dim)
+    dtype = KV_DTYPES[s.kv_dtype]
+    q = s.kv_dtype == "int8"
+
+    def make():
+        z = lambda shp, dt: jnp.zeros(shp, dt)
+        return KVCache(z(shape, dtype), z(shape, dtype), z(shape[:-1], jnp.float32) if q else None,
+                       z(shape[:-1], jnp.float32) if q else None)
+
+    return jax.jit(make, out_shardings=cache_shardings(cfg, mesh, s.kv_dtype))()
+
+
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [B,T,K,H] -> int8 [B,T,K,H], scale [B,T,K]: symmetric over H per token and kv head."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1), 1e-8) / 127.0  # [B,T,K]
+    return jnp.clip(jnp.round(x32 / scale[..., None]), -127, 127).astype(jnp.int8), scale
+
+
+def slot_indices(page_table: jax.Array, positions: jax.Array, valid: jax.Array, page_size: int):
+    """Cache coordinates of tokens: page ids and in-page offsets [B,T] (invalid -> page 0)."""
+    page = jnp.take_along_axis(page_table, positions // page_size, axis=1)  # [B,T]
+    return jnp.where(valid, page, 0), jnp.where(valid, positions % page_size, 0)
+
+
+def write_layer(cache: KVCache, layer, k: jax.Array, v: jax.Array, pages, offsets) -> KVCache:
+    """Store k, v [B,T,K,H] of one layer at (pages, offsets) [B,T]; returns the updated cache.
+
+    A scatter into the stacked arrays (not a per-layer copy), so with the cache donated and
+    carried through the layer scan XLA updates it in place.
+    """
+    lay = jnp.full(pages.shape, layer, jnp.int32)
+    if cache.quantized:
+        kq, ks = quantize_kv(k)
+        vq, vs = quantize_kv(v)
+        return KVCache(cache.k.at[lay, pages, offsets].set(kq), cache.v.at[lay, pages, offsets].set(vq),
+                       cache.k_scale.at[lay, pages, offsets].set(ks),
+                       cache.v_scale.at[lay, pages, offsets].set(vs))
+    dt = cache.k.dtype
+    return KVCache(cache.k.at[lay, pages, offsets].set(k.astype(dt)),
+                   cache.v.at[lay, pages, offsets].set(v.astype(dt)))
+
+
+class OutOfPages(RuntimeError):
+    """Not enough free pages for a request right now."""
+
+
+class PageAllocator:
+    """Free list and page table for `max_batch` slots (host side, single-threaded use)."""
+
+    def __init__(self, num_pages: int, page_size: int, max_batch: int, max_seq_len: int):
+        if num_pages < 2:
+            raise ValueError("serve.num_pages must be at least 2 (page 0 is reserved)")
+        self.page_size = page_size
+        self.max_pages_per_seq = math.ceil(max_seq_len / page_size)
+        self.free = list(range(num_pages - 1, 0, -1))  # pop() hands out low page ids first
+        self.capacity = num_pages - 1
+        self.slot_pages: list[list[int]] = [[] for _ in range(max_batch)]
+        self.page_table = np.zeros((max_batch, self.max_pages_per_seq), np.int32)
+
+    def pages_for(self, n_tokens: int) -> int:
+        return math.ceil(n_tokens / self.page_size)
+
+    @property
+    def pages_in_use(self) -> int:
+        return self.capacity - len(self.free)
+
+    def can_allocate(self, n_tokens: int) -> bool:
+        return self.pages_for(n_tokens) <= len(self.free)
+
+    def allocate(self, slot: int, n_tokens: int) -> None:
+        """Give `slot` pages for n_tokens positions; raises OutOfPages."""
+        need = self.pages_for(n_tokens)
+        if need > self.max_pages_per_seq:
+            raise ValueError(f"{n_tokens} tokens exceed the context of {self.max_pages_per_seq} pages")
+        if need > len(self.free):
+            raise OutOfPages(f"need {need} pages, {len(self.free)} free")
+        assert not self.slot_pages[slot], f"slot {slot} still holds pages"
+        pages = [self.free.pop() for _ in range(need)]
+        self.slot_pages[slot] = pages
+        self.page_table[slot] = 0
+        self.page_table[slot, :need] = pages
+
+    def release(self, slot: int) -> None:
+        """Return the slot's pages to the free list."""
+        self.free.extend(reversed(self.slot_pages[slot]))
+        self.slot_pages[slot] = []
+        self.page_table[slot] = 0

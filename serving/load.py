@@ -1,0 +1,156 @@
+"""Load a checkpoint for serving: config, params under serving rules (1 device or a tensor-parallel
+mesh), optional int8 quantization, tokenizer. Also the int8 checkpoint format.
+
+Sources, in order: an int8 checkpoint written by `python -m serving.quantize` (RUN_DIR/int8.json
+beside a params-only orbax checkpoint whose QArrays are {'int8', 'scale'} dicts); a Tessera run
+directory or Hugging Face directory through `interop.load.load_checkpoint` when that module exists;
+otherwise a Tessera run directory through training.checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from configs import Config, ConfigError
+from model.quant import CONTRACT_AXES, from_storable, quantize_params, to_storable
+from sharding.mesh import AXES
+from training.checkpoint import (Checkpointer, abstract_pure, load_params, read_config,
+                                 write_config)
+
+INT8_MARKER = "int8.json"
+
+
+class SentencePieceTokenizer:
+    """encode/decode over RUN_DIR/tokenizer.model (ids: pad 0, bos 1, eos 2 in Tessera models)."""
+
+    chat_template = None
+
+    def __init__(self, path: str | Path):
+        import sentencepiece as spm
+        self.path = str(path)
+        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+
+def serving_mesh(tp: int = 1) -> Mesh:
+    """(data=1, fsdp=1, tensor=tp) mesh over the first tp devices."""
+    devices = jax.devices()
+    if tp < 1 or tp > len(devices):
+        raise ConfigError(f"--tp {tp} needs between 1 and {len(devices)} devices")
+    grid = np.array(devices[:tp]).reshape(1, 1, tp)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def serving_config(cfg: Config, mesh: Mesh) -> Config:
+    """The checkpoint's config with the serving mesh and rules; checks heads split over tensor."""
+    tp = mesh.shape["tensor"]
+    m = cfg.model
+    for key in ("n_heads", "n_kv_heads", "mlp_dim"):
+        if getattr(m, key) % tp:
+            raise ConfigError(f"model.{key} ({getattr(m, key)}) is not divisible by --tp {tp}")
+    mesh_cfg = dataclasses.replace(cfg.mesh, data=1, fsdp=1, tensor=tp, rules="serve_tp")
+    return dataclasses.replace(cfg, mesh=mesh_cfg, model=dataclasses.replace(m, remat="none"))
+
+
+def _scale_spec(spec: PartitionSpec, ndim: int, contracted) -> PartitionSpec:
+    full = tuple(spec) + (None,) * (ndim - len(spec))
+    return PartitionSpec(*(None if i in contracted else a for i, a in enumerate(full)))
+
+
+def _abstract_int8(cfg: Config, mesh: Mesh, embedding: bool) -> dict:
+    """ShapeDtypeStructs (with shardings) of an int8 checkpoint's storable params."""
+    from sharding.init import param_shardings
+    _, abstract, shardings = param_shardings(cfg, mesh, "serve_tp")
+    pure = abstract_pure(abstract, shardings)
+
+    def visit(tree):
+        out = {}
+        for name, x in tree.items():
+            if isinstance(x, dict):
+                out[name] = visit(x)
+            elif name in CONTRACT_AXES and (embedding or name != "embedding"):
+                ax = CONTRACT_AXES[name]
+                sshape = tuple(1 if i in ax else d for i, d in enumerate(x.shape))
+                ssh = NamedSharding(mesh, _scale_spec(x.sharding.spec, x.ndim, ax))
+                out[name] = {"int8": jax.ShapeDtypeStruct(x.shape, np.int8, sharding=x.sharding),
+                             "scale": jax.ShapeDtypeStruct(sshape, np.float32, sharding=ssh)}
+            else:
+                out[name] = x
+        return out
+    return visit(pure)
+
+
+def load_tokenizer(run_dir: Path):
+    path = run_dir / "tokenizer.model"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no tokenizer.model")
+    return SentencePieceTokenizer(path)
+
+
+def load_for_serving(path: str, overrides=(), tp: int = 1, int8: bool | None = None,
+                     int8_embedding: bool = True):
+    """-> (cfg, mesh, params pure dict (QArrays when int8), tokenizer)."""
+    run = Path(path)
+    if not run.is_dir():
+        raise ConfigError(f"checkpoint directory {path} not found")
+    mesh = serving_mesh(tp)
+    marker = run / INT8_MARKER
+    if marker.is_file():  # offline-quantized checkpoint
+        info = json.loads(marker.read_text())
+        cfg = serving_config(read_config(run, list(overrides)), mesh)
+        ckpt = Checkpointer(run, async_save=False)
+        try:
+            found = ckpt.restore(_abstract_int8(cfg, mesh, info.get("embedding", True)))
+        finally:
+            ckpt.close()
+        if found is None:
+            raise ConfigError(f"no loadable checkpoint in {run}/checkpoints")
+        params = from_storable(found[1], info.get("act_quant", True))
+        return cfg, mesh, params, load_tokenizer(run)
+    try:
+        from interop.load import load_checkpoint
+    except ImportError:
+        load_checkpoint = None
+    if load_checkpoint is not None:
+        cfg, _, state, tok = load_checkpoint(str(run), mesh, rules="serve_tp", overrides=tuple(overrides))
+        cfg = serving_config(cfg, mesh)
+    else:
+        cfg = serving_config(read_config(run, list(overrides)), mesh)
+        _, state = load_params(run, cfg, mesh, rules="serve_tp")
+        tok = load_tokenizer(run)
+    params = nnx.to_pure_dict(state)
+    if int8 if int8 is not None else cfg.serve.int8_weights:
+        params = jax.jit(lambda p: quantize_params(p, embedding=int8_embedding))(params)
+        cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, int8_weights=True))
+    return cfg, mesh, params, tok
+
+
+def save_int8(out_dir: str, cfg: Config, params: dict, tokenizer_path: str | None,
+              embedding: bool = True) -> None:
+    """Write an int8 checkpoint: config.yaml, tokenizer.model, int8.json, params (orbax)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(out, dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, int8_weights=True)))
+    if tokenizer_path and Path(tokenizer_path).is_file():
+        shutil.copy(tokenizer_path, out / "tokenizer.model")
+    ckpt = Checkpointer(out, async_save=False)
+    ckpt.save(0, to_storable(params), meta={"step": 0, "int8": True}, force=True)
+    ckpt.close()
+    (out / INT8_MARKER).write_text(json.dumps({"embedding": embedding, "act_quant": True}))
