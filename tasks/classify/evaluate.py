@@ -13,7 +13,7 @@ import numpy as np
 
 from configs import ConfigError
 from tasks.classify import model as cm
-from tasks.classify.dataset import DatasetError, Examples, LabelMap, encode_texts, read_csv
+from tasks.classify.dataset import Examples, LabelMap, encode_texts, read_csv
 from tasks.classify.metrics import classification_metrics
 
 
@@ -46,8 +46,10 @@ def load_classifier(run_dir: str | Path, mesh, overrides=()):
 def predict(cfg, graphdef, params, tokenizer, texts: list[str], mesh, batch_size: int | None = None):
     """Class probabilities [N,C] for `texts`, tokenized as in training (task.max_len)."""
     tokens, lengths = encode_texts(texts, tokenizer, cfg.task.max_len)
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]  # every call splits evenly over the batch axes
+    batch_size = -(-(batch_size or cfg.train.batch_size) // rows) * rows
     fn = cm.jit_predict(graphdef, mesh, cm.layout(cfg, params["head_b"].shape[0], mesh)[2]["params"])
-    return cm.predict_probs(fn, params, tokens, lengths, batch_size or cfg.train.batch_size)
+    return cm.predict_probs(fn, params, tokens, lengths, batch_size)
 
 
 def write_report(out_dir: str | Path, ex: Examples, probs: np.ndarray, class_names: list[str],
@@ -77,14 +79,13 @@ def write_report(out_dir: str | Path, ex: Examples, probs: np.ndarray, class_nam
 
 
 def evaluate_csv(run_dir: str | Path, csv_path: str | Path, out_dir: str | Path, mesh,
-                 text_column: str | None = None, label_column: str | None = None) -> dict | None:
+                 text_column: str | None = None, label_column: str | None = None,
+                 batch_size: int | None = None) -> dict | None:
     """The `evaluate.py classify` command: predictions for every row, metrics when labelled."""
     cfg, graphdef, params, tokenizer, labels = load_classifier(run_dir, mesh)
     ex = read_csv(csv_path, text_column or cfg.data.text_column, label_column or cfg.data.label_column,
                   require_labels=False)
     y_true = labels.encode(ex) if ex.labels is not None else None
-    if len(ex) == 0:
-        raise DatasetError(f"{csv_path} has no rows")
-    probs = predict(cfg, graphdef, params, tokenizer, ex.texts, mesh)
+    probs = predict(cfg, graphdef, params, tokenizer, ex.texts, mesh, batch_size)
     return write_report(out_dir, ex, probs, labels.names, y_true,
                         {"checkpoint": str(run_dir), "data": str(csv_path)})
