@@ -25,10 +25,10 @@ def applies(spec: SweepSpec) -> bool:
     """Share a tokenizer when the sweep asks for it, none is given, and no axis changes it."""
     if not spec.share_tokenizer:
         return False
-    cfg = load_config(spec.base, list(spec.overrides))
-    if cfg.data.tokenizer or cfg.task.kind != "lm":
+    if any(k.startswith(TOKENIZER_KEYS) for k in spec.keys):
         return False
-    return not any(k.startswith(TOKENIZER_KEYS) for k in spec.keys)
+    cfg = load_config(spec.base, list(spec.trials[0].overrides))  # data.* is the same in every trial
+    return not cfg.data.tokenizer and cfg.task.kind == "lm"
 
 
 def tokenizer_path(spec: SweepSpec) -> Path:
@@ -40,7 +40,7 @@ def shared_tokenizer(spec: SweepSpec) -> tuple[tuple[str, ...], list[str] | None
     if not applies(spec):
         return (), None
     path = tokenizer_path(spec)
-    cmd = ["python", "-m", "sweeps.shared", spec.base, *spec.overrides, "--out", str(path)]
+    cmd = ["python", "-m", "sweeps.shared", spec.base, *spec.trials[0].overrides, "--out", str(path)]
     return (f"data.tokenizer={path}",), cmd
 
 
@@ -61,8 +61,8 @@ def prepare(cmd: list[str], spec: SweepSpec) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """Train (or find) the tokenizer train.py would train for CONFIG, and put it at --out."""
-    if "--out" not in argv or argv.index("--out") + 1 >= len(argv) or not argv:
+    """Train the tokenizer train.py would train for CONFIG; --out must end in tokenizer.model."""
+    if "--out" not in argv or argv.index("--out") + 1 >= len(argv) or argv.index("--out") == 0:
         print("usage: python -m sweeps.shared CONFIG [key=value ...] --out PATH", file=sys.stderr)
         return 2
     i = argv.index("--out")
@@ -70,16 +70,14 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(rest[0], rest[1:])
         import data
-        work = out.parent / "work"
-        tok = data.load_tokenizer(cfg, str(work))
-    except ConfigError as e:
+        tok = data.load_tokenizer(cfg, str(out.parent))  # trains into DIR/tokenizer.model, atomically
+    except ConfigError as e:  # DataError included
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    shutil.copyfile(tok.path, tmp)
-    os.replace(tmp, out)  # atomic: a half-written tokenizer never looks finished
-    shutil.rmtree(work, ignore_errors=True)
+    if Path(tok.path).resolve() != out.resolve():
+        tmp = out.with_suffix(".tmp")
+        shutil.copyfile(tok.path, tmp)
+        os.replace(tmp, out)  # atomic: a half-written tokenizer never looks finished
     print(out)
     return 0
 

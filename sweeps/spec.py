@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import math
 import random
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +251,25 @@ def _metric(raw) -> tuple[str, str]:
     return name, direction
 
 
+def _blame(e: ConfigError, trial: Trial, fixed: tuple[str, ...], axes: list[Axis]) -> SweepError:
+    """Turn a trial's config error into a sweep-file error naming the field that set the key."""
+    msg = str(e)
+    named = {}
+    for key in list(trial.values) + [o.split("=", 1)[0] for o in fixed]:
+        m = re.search(r"(?<![\w.])" + re.escape(key) + r"(?![\w.])", msg)
+        if m:
+            named.setdefault(key, m.start())
+    if not named:
+        shown = ", ".join(trial.overrides[len(fixed):])
+        return _err("axes", f"give trial {trial.id} ({shown}) a bad config: {msg}")
+    key = min(named, key=named.get)  # the key the message names first
+    if key in trial.values:
+        axis = next(a for a in axes if key in a.keys)
+        value = tuple(trial.values[k] for k in axis.keys) if len(axis.keys) > 1 else trial.values[key]
+        return _err(f"axes.{axis.key}", f"value {value!r} is invalid: {msg}")
+    return _err(f"overrides.{key}", f"is invalid: {msg}")
+
+
 def load_sweep(path: str | Path, sweep_dir: str | None = None) -> SweepSpec:
     """Read, validate and expand a sweep file; raises SweepError (one line) on any problem."""
     path = Path(path)
@@ -303,23 +323,14 @@ def load_sweep(path: str | Path, sweep_dir: str | None = None) -> SweepSpec:
     if not isinstance(out_dir, str):
         raise _err("sweep_dir", f"expects a directory path, got {out_dir!r}")
 
-    for override in fixed:
-        try:
-            load_config(base, [override])
-        except ConfigError as e:
-            raise _err(f"overrides.{override.split('=', 1)[0]}", f"is invalid: {e}") from None
-    for axis in axes:
-        for value in axis.values if not axis.random else ():
-            try:
-                load_config(base, list(fixed) + [f"{k}={format_value(v)}" for k, v in axis.assign(value).items()])
-            except ConfigError as e:
-                raise _err(f"axes.{axis.key}", f"value {value!r} is invalid: {e}") from None
     trials = expand(tuple(axes), trials_per_point, seed, fixed)
-    for trial in trials:  # cross-key checks (e.g. seq_len vs max_seq_len) and random draws
+    # Whole trials only: an override may be invalid alone and valid with the others (n_heads vs
+    # n_kv_heads), so each trial's full list is checked and the error blamed on the key it names.
+    for trial in trials:
         try:
             load_config(base, list(trial.overrides))
         except ConfigError as e:
-            raise _err("axes", f"give trial {trial.id} ({', '.join(trial.overrides[len(fixed):])}) a bad config: {e}") from None
+            raise _blame(e, trial, fixed, axes) from None
     return SweepSpec(path, base, fixed, tuple(axes), trials_per_point, seed, metric, direction, parallel,
                      Path(out_dir), share, trials)
 
