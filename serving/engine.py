@@ -101,6 +101,8 @@ class Engine:
         self.alloc = PageAllocator(s.num_pages, s.page_size, s.max_batch, self.max_len)
         self.metrics.pages_total.set(self.alloc.capacity)
         self.mesh = mesh
+        # every end-of-turn id of the tokenizer (HF chat models have several), else its eos
+        self.eos_ids = set(getattr(tokenizer, "eos_ids", None) or [tokenizer.eos_id])
         self.cache = init_cache(cfg, mesh)
         self._prefill, self._decode = compile_fns(cfg)
         self.slots: list[Request | None] = [None] * s.max_batch
@@ -278,7 +280,7 @@ class Engine:
         self.metrics.generated_tokens.inc()
         k = p.logprobs or 0
         top = {int(i): float(v) for i, v in zip(top_ids[:k], top_lp[:k])}
-        is_stop_tok = tok in p.stop_token_ids or (tok == self.tokenizer.eos_id and not p.ignore_eos)
+        is_stop_tok = tok in p.stop_token_ids or (tok in self.eos_ids and not p.ignore_eos)
         ev = Event(prompt_logprobs=prompt_lp)
         if not is_stop_tok:
             r.generated.append(tok)

@@ -131,6 +131,7 @@ def load_for_serving(path: str, overrides=(), tp: int = 1, int8: bool | None = N
     if load_checkpoint is not None:
         cfg, _, state, tok = load_checkpoint(str(run), mesh, rules="serve_tp", overrides=tuple(overrides))
         cfg = serving_config(cfg, mesh)
+        tok = tok if tok is not None else load_tokenizer(run)
     else:
         cfg = serving_config(read_config(run, list(overrides)), mesh)
         _, state = load_params(run, cfg, mesh, rules="serve_tp")
