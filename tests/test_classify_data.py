@@ -48,7 +48,7 @@ def test_class_weights_match_sklearn():
 
 def test_encode_pads_truncates_and_ends_with_eos(tmp_path):
     texts = ["short", "a much longer text " * 20]
-    tok = D.train_tokenizer(texts * 50, 300, tmp_path / "tok" / "tokenizer.model")
+    tok = D.train_tokenizer(texts * 50, 512, tmp_path / "tok" / "tokenizer.model")
     tokens, lengths = D.encode_texts(texts, tok, 16)
     assert tokens.shape == (2, 16) and lengths[1] == 16
     assert tokens[0, 0] == tok.bos_id and tokens[0, lengths[0] - 1] == tok.eos_id

@@ -125,7 +125,7 @@ def test_init_from_language_model_checkpoint(tmp_path):
     lm = Transformer(lm_cfg.model, rngs=nnx.Rngs(7))
     save_params(lm_dir, lm_cfg, nnx.state(lm))
     texts = [" ".join(random.Random(i).choices(FILLER, k=8)) for i in range(200)]
-    train_tokenizer(texts, 300, lm_dir / "tokenizer.model")
+    tok = train_tokenizer(texts, 512, lm_dir / "tokenizer.model")
     data = easy_csv(tmp_path / "d.csv", 60, 2)
     cfg = load_config("configs/tasks/classify.yaml", TINY + [f"data.path={data}", f"train.init_from={lm_dir}",
                                                              f"train.run_dir={tmp_path / 'run'}"])
@@ -133,7 +133,7 @@ def test_init_from_language_model_checkpoint(tmp_path):
     try:
         got = run.state["params"]["backbone"]["embedding"]
         np.testing.assert_array_equal(np.asarray(got), np.asarray(lm.embedding[...]))
-        assert run.tokenizer.vocab_size == 300 and (tmp_path / "run" / "tokenizer.model").is_file()
+        assert run.tokenizer.vocab_size == tok.vocab_size and (tmp_path / "run" / "tokenizer.model").is_file()
         assert run.cfg.task.num_classes == 3 and jax.tree.leaves(run.state["params"]["head_w"])
     finally:
         run.close()

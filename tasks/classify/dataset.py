@@ -187,19 +187,9 @@ def encode_texts(texts: list[str], tokenizer, max_len: int) -> tuple[np.ndarray,
     return tokens, lengths
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, path: str | Path, seed: int = 0):
-    """Train a BPE sentencepiece model on `texts` (ids: pad 0, bos 1, eos 2, unk 3, as the LM
-    tokenizer) and load it. The vocabulary shrinks to what the data supports."""
-    import sentencepiece as spm
-    from interop.tokenizers import SentencePieceTokenizer
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    sample = [texts[i] for i in rng.permutation(len(texts))]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sample), model_prefix=str(path.with_suffix("")), model_type="bpe",
-        vocab_size=vocab_size, hard_vocab_limit=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-        byte_fallback=True, split_digits=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", max_sentence_length=1 << 16,
-        input_sentence_size=200_000, shuffle_input_sentence=True, minloglevel=2)
-    return SentencePieceTokenizer(path)
+def train_tokenizer(texts: list[str], vocab_size: int, path: str | Path, sample_bytes: int = 20_000_000):
+    """The project's BPE byte-fallback sentencepiece trainer (data.train_tokenizer: pad 0, bos 1,
+    eos 2, unk 3, as the LM tokenizer) run on the training texts; the vocabulary shrinks to what
+    the data supports."""
+    import data
+    return data.train_tokenizer(list(texts), vocab_size, path, sample_bytes)

@@ -73,7 +73,8 @@ def setup_tokenizer(cfg: Config, run_dir: Path, texts: list[str], init_tokenizer
     elif init_tokenizer is not None:
         tok = init_tokenizer
     else:
-        return train_tokenizer(texts, cfg.model.vocab_size, run_dir / "tokenizer.model", cfg.train.seed)
+        return train_tokenizer(texts, cfg.model.vocab_size, run_dir / "tokenizer.model",
+                               cfg.data.tokenizer_sample_bytes)
     copy_tokenizer(tok, run_dir)
     return load_tokenizer_dir(run_dir)
 
