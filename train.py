@@ -60,6 +60,9 @@ def main(argv=None) -> int:
             return classify_main(cfg, args)
         from training.loop import Trainer
         trainer = Trainer(cfg)
+        if cfg.train.compiled_step:  # a step compiled ahead of time by compile.py --save
+            from training.executable import use_saved_step
+            use_saved_step(trainer)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -94,6 +94,7 @@ class TrainConfig:
     profile_start: int = -1          # first step of a profiler trace window; -1 disables
     profile_steps: int = 5
     init_from: str = ""              # Tessera checkpoint or Hugging Face directory to start from
+    compiled_step: str = ""          # compile.py --save DIR: load that compiled train step at launch
 
 
 @dataclass(frozen=True)

@@ -75,9 +75,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def jit_train_step(cfg: Config, graphdef, optimizer, schedule, mesh: Mesh, state_shardings) -> Callable:
-    """train_step under jit with explicit shardings and the state donated."""
-    fn = lambda state, batch: train_step(state, batch, graphdef=graphdef, optimizer=optimizer,
-                                         schedule=schedule, cfg=cfg)
+    """train_step under jit with explicit shardings and the state donated.
+
+    The mesh is put in context while tracing, so the model's activation constraints
+    (sharding.rules.constrain) and the shard_map around Pallas kernels see it; without it they
+    are no-ops and XLA guesses activation layouts (more memory, more communication)."""
+    def fn(state, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return train_step(state, batch, graphdef=graphdef, optimizer=optimizer, schedule=schedule, cfg=cfg)
     data = {k: batch_sharding(mesh) for k in BATCH_KEYS}
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(fn, in_shardings=(state_shardings, data), out_shardings=(state_shardings, replicated),

@@ -1,0 +1,242 @@
+"""Ahead-of-time compilation of the train step for a TPU topology on any host (libtpu from PyPI).
+
+`compile_train` lowers and compiles exactly what train.py runs (training.step.jit_train_step over
+training.state.state_layout) against compile-only TPU devices, from abstract inputs, so nothing is
+allocated. `estimate` turns that into a report: per-chip HBM from `memory_analysis()` and step
+cost from `cost_analysis()`, corrected for the traps in those figures:
+
+- XLA counts a while-loop body once, so with layers under `lax.scan` (and micro-batches under the
+  grad-accumulation scan) `flops` and `optimal_seconds` cover one layer of one micro-batch. The
+  step cost is extrapolated from two extra compiles, unrolled with 1 and 2 layers and one
+  micro-batch: cost(L) = cost(1) + (L - 1) (cost(2) - cost(1)), times grad_accum.
+- On v5e/v6e every `ConcatBitcast` custom call adds exactly -1 s to `optimal_seconds`; they are
+  counted in the HLO and added back.
+- Loops the compiler adds itself are still undercounted; the report says when any remain.
+Memory needs none of this: it comes from the full compile, scanned as configured.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from configs import Config, ConfigError
+from model.stats import flops_per_token
+from sharding.mesh import make_mesh
+from training.optimizer import learning_rate, make_optimizer
+from training.state import abstract_with_shardings, state_layout
+from training.step import BATCH_KEYS, batch_sharding, jit_train_step
+from training.topology import GiB, Topology
+
+MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
+
+
+def replace(cfg: Config, section: str, **changes) -> Config:
+    """cfg with some fields of one section changed (configs are frozen dataclasses)."""
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
+
+
+def target_config(cfg: Config, topo: Topology) -> Config:
+    """Resolve the platform-dependent `auto` choices for a TPU target instead of this host.
+
+    On a CPU host `compute_dtype: auto` would resolve to float32 and `attention_impl: auto` to
+    xla by looking at jax.default_backend(); a TPU runs bf16 compute. Attention defaults to xla
+    (the Pallas flash kernel is used only when asked for, and only where it can target TPU from
+    here). --slices N puts the slices on the data axis unless the config already sets DCN sizes.
+    """
+    m = cfg.model
+    cfg = replace(cfg, "model", compute_dtype="bfloat16" if m.compute_dtype == "auto" else m.compute_dtype,
+                  attention_impl="xla" if m.attention_impl == "auto" else m.attention_impl)
+    if cfg.model.attention_impl == "cudnn":
+        raise ConfigError("model.attention_impl=cudnn is a GPU kernel; use xla or pallas for TPU targets")
+    dcn = cfg.mesh.dcn_data * cfg.mesh.dcn_fsdp * cfg.mesh.dcn_tensor
+    if topo.slices > 1 and dcn == 1:
+        cfg = replace(cfg, "mesh", dcn_data=topo.slices)
+    elif dcn != topo.slices:
+        raise ConfigError(f"mesh DCN sizes (data {cfg.mesh.dcn_data}, fsdp {cfg.mesh.dcn_fsdp}, tensor "
+                          f"{cfg.mesh.dcn_tensor}) multiply to {dcn} but --slices is {topo.slices}")
+    return cfg
+
+
+def target_mesh(cfg: Config, topo: Topology, devices):
+    """The (data, fsdp, tensor) mesh over the topology's devices; a one-line error on mismatch."""
+    try:
+        return make_mesh(cfg, devices)
+    except ConfigError as e:
+        raise ConfigError(f"{topo.name}{f' x {topo.slices}' if topo.slices > 1 else ''} "
+                          f"({topo.n_devices} chips): {e}") from None
+
+
+def _attention_target(cfg: Config, devices):
+    """Context in which the model's Pallas attention builds TPU (Mosaic) kernels, not emulation."""
+    import contextlib
+    if cfg.model.attention_impl != "pallas":
+        return contextlib.nullcontext()
+    from model import attention
+    hook = getattr(attention, "compile_target", None)
+    if hook is None:
+        raise ConfigError("model.attention_impl=pallas cannot be compiled for TPU from this host: "
+                          "model/attention.py has no compile_target hook yet; use model.attention_impl=xla")
+    return hook("tpu", devices[0].device_kind)
+
+
+def abstract_train_inputs(cfg: Config, mesh):
+    """(graphdef, optimizer, schedule, state shardings, abstract state, abstract batch)."""
+    optimizer, schedule = make_optimizer(cfg.train), learning_rate(cfg.train)
+    graphdef, abstract, shardings = state_layout(cfg, mesh, optimizer)
+    state = abstract_with_shardings(abstract, shardings)
+    rows = batch_sharding(mesh)
+    shape = (cfg.train.batch_size, cfg.data.seq_len)  # [B,T]
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for k in BATCH_KEYS}
+    return graphdef, optimizer, schedule, shardings, state, batch
+
+
+def check_batch(cfg: Config, mesh) -> None:
+    """The global batch must split evenly over the data axes, per micro-batch."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % dp:
+        raise ConfigError(f"train.batch_size / train.grad_accum ({micro}) must be a multiple of the "
+                          f"data-parallel devices ({dp}: mesh data x fsdp)")
+
+
+def compile_train(cfg: Config, topo: Topology, devices):
+    """Lower and compile the jitted train step for the topology: (jax.stages.Compiled, seconds)."""
+    mesh = target_mesh(cfg, topo, devices)
+    check_batch(cfg, mesh)
+    t0 = time.perf_counter()
+    graphdef, optimizer, schedule, shardings, state, batch = abstract_train_inputs(cfg, mesh)
+    step = jit_train_step(cfg, graphdef, optimizer, schedule, mesh, shardings)
+    with _attention_target(cfg, devices):
+        compiled = step.lower(state, batch).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def memory(compiled) -> dict:
+    """Per-device bytes by kind, and `total`: what must be resident at the peak of the step.
+
+    Donated state is both an argument and an output; `alias` counts it once more, so
+    total = argument + output - alias + temp + generated code."""
+    m = compiled.memory_analysis()
+    out = {f: int(getattr(m, f"{f}_size_in_bytes")) for f in MEMORY_FIELDS}
+    out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["generated_code"]
+    return out
+
+
+def cost(compiled) -> dict:
+    """flops and optimal_seconds as the compiler reports them (per device), plus what the HLO
+    says about their traps: ConcatBitcast calls (-1 s each) and while loops (counted once)."""
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    hlo = compiled.as_text()
+    bitcasts = len(re.findall(r'custom_call_target="ConcatBitcast"', hlo))
+    loops = len(re.findall(r"\swhile\(", hlo))
+    raw = float(ca.get("optimal_seconds", float("nan")))
+    return {"flops": float(ca.get("flops", 0.0)), "optimal_seconds_raw": raw,
+            "concat_bitcasts": bitcasts, "optimal_seconds": raw + bitcasts, "while_loops": loops,
+            "bytes_accessed": float(ca.get("bytes accessed", 0.0))}
+
+
+def unrolled(cfg: Config, n_layers: int) -> Config:
+    """The same step with n layers unrolled and one micro-batch (no scans for XLA to undercount)."""
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    cfg = replace(cfg, "model", n_layers=n_layers, scan_layers=False)
+    return replace(cfg, "train", batch_size=micro, grad_accum=1)
+
+
+def extrapolated_cost(cfg: Config, topo: Topology, devices) -> dict:
+    """Step cost from 1- and 2-layer unrolled compiles: c(L) = c1 + (L-1)(c2-c1), x grad_accum.
+
+    With grad_accum A the optimizer update is counted A times (an overestimate by its share)."""
+    c1, t1 = compile_train(unrolled(cfg, 1), topo, devices)
+    c2, t2 = compile_train(unrolled(cfg, 2), topo, devices)
+    a, b = cost(c1), cost(c2)
+    L, A = cfg.model.n_layers, cfg.train.grad_accum
+    per_layer = {k: b[k] - a[k] for k in ("flops", "optimal_seconds", "bytes_accessed")}
+    out = {k: A * (a[k] + (L - 1) * per_layer[k]) for k in per_layer}
+    out.update(while_loops=max(a["while_loops"], b["while_loops"]), compile_seconds=t1 + t2,
+               per_layer_seconds=per_layer["optimal_seconds"])
+    return out
+
+
+def estimate(cfg: Config, topo: Topology, devices, extrapolate: bool = True, keep: bool = False) -> dict:
+    """Compile the step as configured, then report memory, FLOPs, step time, tokens/s and MFU.
+
+    `compiled` in the result (only with keep=True) is the executable, for --save."""
+    compiled, seconds = compile_train(cfg, topo, devices)
+    mem, raw = memory(compiled), cost(compiled)
+    B, T, n = cfg.train.batch_size, cfg.data.seq_len, topo.n_devices
+    report = {
+        "topology": topo.name, "slices": topo.slices, "chips": n, "libtpu_topology": topo.libtpu_name,
+        "device_kind": devices[0].device_kind, "batch_size": B, "per_device_batch": B / n, "seq_len": T,
+        "grad_accum": cfg.train.grad_accum, "remat": cfg.model.remat, "scan_layers": cfg.model.scan_layers,
+        "attention_impl": cfg.model.attention_impl, "compute_dtype": cfg.model.compute_dtype,
+        "mesh": dict(target_mesh(cfg, topo, devices).shape), "rules": cfg.mesh.rules,
+        "memory": mem, "hbm_bytes": topo.hbm_bytes, "fits": mem["total"] <= topo.hbm_bytes,
+        "compile_seconds": seconds, "model_flops": flops_per_token(cfg.model, T) * B * T,
+        "compiler": {**raw, "flops_per_step": raw["flops"] * n},
+    }
+    looped = cfg.model.scan_layers or cfg.train.grad_accum > 1
+    if looped and extrapolate:
+        ext = extrapolated_cost(cfg, topo, devices)
+        report["extrapolated"] = {**ext, "flops_per_step": ext["flops"] * n}
+        step_seconds, source = ext["optimal_seconds"], "extrapolated from 1- and 2-layer unrolled compiles"
+        loops = ext["while_loops"]
+    else:
+        step_seconds = raw["optimal_seconds"]
+        source = "compiler (full step)" if not looped else "compiler (one loop iteration only: an undercount)"
+        loops = raw["while_loops"] if not looped else 0
+    report["step_seconds"], report["step_seconds_source"] = step_seconds, source
+    report["compiler_loops_left"] = loops
+    report["tokens_per_s_per_chip"] = B * T / step_seconds / n if step_seconds > 0 else None
+    report["mfu"] = (report["model_flops"] / (step_seconds * n * topo.peak_flops)
+                     if step_seconds > 0 else None)
+    if keep:
+        report["compiled"] = compiled
+    return report
+
+
+def gib(x: float) -> str:
+    return f"{x / GiB:.2f} GiB"
+
+
+def format_report(r: dict) -> str:
+    """The human-readable report printed by compile.py."""
+    mem, cap = r["memory"], r["hbm_bytes"]
+    mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    slices = f" x {r['slices']} slices" if r["slices"] > 1 else ""
+    lines = [f"target: {r['topology']}{slices} ({r['chips']} chips, {r['libtpu_topology']}, {r['device_kind']}), mesh {mesh}, rules {r['rules']}",
+             f"step: batch {r['batch_size']} x seq {r['seq_len']} ({r['per_device_batch']:g} rows per chip), "
+             f"grad_accum {r['grad_accum']}, remat {r['remat']}, attention {r['attention_impl']}, "
+             f"compute {r['compute_dtype']}",
+             "HBM per chip: " + ", ".join(f"{k.replace('_', ' ')} {gib(mem[k])}" for k in
+                                          ("argument", "output", "alias", "temp", "generated_code")),
+             f"  total {gib(mem['total'])} of {gib(cap)}: " +
+             (f"fits ({gib(cap - mem['total'])} free)" if r["fits"] else
+              f"DOES NOT FIT (short by {gib(mem['total'] - cap)})")]
+    c = r["compiler"]
+    lines.append(f"model FLOPs per step: {r['model_flops']:.4g}")
+    lines.append(f"compiler, full compile: {c['flops_per_step']:.4g} FLOPs per step, optimal_seconds "
+                 f"{c['optimal_seconds_raw']:.4g} s (+{c['concat_bitcasts']} s ConcatBitcast correction "
+                 f"= {c['optimal_seconds']:.4g} s)" + (f"; {c['while_loops']} while loops counted once"
+                                                       if c["while_loops"] else ""))
+    if "extrapolated" in r:
+        e = r["extrapolated"]
+        lines.append(f"corrected estimate (1- and 2-layer unrolled compiles, extrapolated): "
+                     f"{e['flops_per_step']:.4g} FLOPs per step ({e['flops_per_step'] / r['model_flops']:.2f}x "
+                     f"model FLOPs), {e['optimal_seconds']:.4g} s per step")
+    if r["compiler_loops_left"]:
+        lines.append(f"warning: the compiler added {r['compiler_loops_left']} while loops of its own; "
+                     "their bodies count once, so the step time is an undercount")
+    tps, mfu = r["tokens_per_s_per_chip"], r["mfu"]
+    lines.append(f"estimated step time: {r['step_seconds']:.4g} s ({r['step_seconds_source']}; a roofline "
+                 "bound, not a measurement)")
+    lines.append(f"estimated tokens/s per chip: {tps:,.0f}, MFU {100 * mfu:.1f}%" if tps else
+                 "estimated tokens/s per chip: n/a (no positive step time)")
+    ext = f" (+ {r['extrapolated']['compile_seconds']:.1f} s for the estimate compiles)" if "extrapolated" in r else ""
+    lines.append(f"compile time: {r['compile_seconds']:.1f} s{ext}")
+    return "\n".join(lines)
