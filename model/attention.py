@@ -10,6 +10,9 @@ impl (model.attention_impl):
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 
@@ -35,15 +38,38 @@ def resolve_impl(impl: str, *, logit_softcap: float = 0.0, platform: str | None 
     return "xla"
 
 
+# Set while compiling ahead of time for another platform (training/aot.py: a TPU topology from a
+# CPU host), so the pallas path builds that platform's kernels, not their interpret-mode emulation.
+_TARGET: contextvars.ContextVar = contextvars.ContextVar("attention_compile_target", default=None)
+
+
+@contextlib.contextmanager
+def compile_target(platform: str, device_kind: str = ""):
+    """Trace attention for `platform` ('tpu') and `device_kind` (block sizes), not for this host."""
+    token = _TARGET.set((platform, device_kind))
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def target_platform() -> str:
+    """The platform kernels are built for: the compile target when one is set, else this host's."""
+    target = _TARGET.get()
+    return target[0] if target else jax.default_backend()
+
+
 def _pallas_kernel(causal, sliding_window, logit_softcap, block_q, block_kv):
     """The per-device flash kernel for this platform, as f(q, k, v, q_pos, q_seg, kv_pos, kv_seg)."""
-    platform = jax.default_backend()
+    platform = target_platform()
     if platform == "gpu":
         from model.kernels.gpu_flash import flash_attention_gpu as flash
         extra = {}
     else:  # TPU, or TPU interpret mode on CPU
         from model.kernels.tpu_flash import flash_attention as flash
         extra = dict(interpret=platform != "tpu")
+        if _TARGET.get() and _TARGET.get()[1]:  # block sizes for the target TPU generation
+            extra["device_kind"] = _TARGET.get()[1]
 
     def kernel(q, k, v, q_pos, q_seg, kv_pos, kv_seg):
         return flash(q, k, v, q_positions=q_pos, q_segment_ids=q_seg, kv_positions=kv_pos,
@@ -117,7 +143,7 @@ def paged_attention(q, k_pages, v_pages, page_table, lengths, *, k_scales=None, 
     auto (pallas on TPU and GPU, xla on CPU). cudnn has no paged kernel and means xla here."""
     if impl not in IMPLS:
         raise ValueError(f"model.attention_impl '{impl}' is not one of {IMPLS}")
-    platform = jax.default_backend()
+    platform = target_platform()
     if impl == "auto":
         impl = "pallas" if platform in ("tpu", "gpu") else "xla"
     if impl != "pallas":
