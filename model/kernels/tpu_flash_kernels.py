@@ -19,6 +19,20 @@ NT = (((1,), (1,)), ((), ()))  # contract the last dims: [X,H] x [Y,H] -> [X,Y]
 TN = (((0,), (0,)), ((), ()))  # contract the first dims: [X,Y] x [X,H] -> [Y,H]
 
 
+def precision(dtype):
+    """Explicit MXU precision, so a global jax_default_matmul_precision cannot leak into Mosaic:
+    bf16 operands take one pass (exact products, fp32 accumulation); fp32 ones the full
+    multi-pass fp32 matmul."""
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
+
+
+def mm(a, b, dims=None):
+    """fp32-accumulated matmul of same-dtype operands; dims default [X,C] x [C,Y] -> [X,Y]."""
+    dims = (((1,), (0,)), ((), ())) if dims is None else dims
+    return lax.dot_general(a, b, dims, precision=precision(a.dtype),
+                           preferred_element_type=jnp.float32)
+
+
 def block_mask(q_pos, q_seg, kv_pos, kv_seg, *, causal: bool, sliding_window: int):
     """(bq,1) and (1,bk) positions / segment ids -> (bq, bk) visibility, as in reference.py."""
     mask = q_seg == kv_seg
@@ -31,7 +45,7 @@ def block_mask(q_pos, q_seg, kv_pos, kv_seg, *, causal: bool, sliding_window: in
 
 def logits(q, k, scale: float, logit_softcap: float):
     """fp32 (bq, bk) logits, soft-capped: c * tanh(s / c)."""
-    s = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * scale
+    s = mm(q, k, NT) * scale
     if logit_softcap:
         s = logit_softcap * jnp.tanh(s / logit_softcap)
     return s
@@ -61,8 +75,7 @@ def fwd_kernel(lo_ref, hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_r
         alpha = jnp.exp(m_prev - m_new)
         l_sc[...] = alpha * l_sc[...] + p.sum(axis=-1, keepdims=True)
         v = v_ref[...]
-        acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(v.dtype), v,
-                                                     preferred_element_type=jnp.float32)
+        acc_sc[...] = alpha * acc_sc[...] + mm(p.astype(v.dtype), v)
         m_sc[...] = m_new
 
     @pl.when(j == nk - 1)
@@ -77,7 +90,7 @@ def _probs_and_dlogits(q, k, v, do, lse, di, mask, scale, logit_softcap):
     """Recompute p = softmax from the saved lse and return (p, dS) with dS w.r.t. raw q.k*scale."""
     s = logits(q, k, scale, logit_softcap)
     p = jnp.where(mask, jnp.exp(s - lse), 0.0)                                   # [bq,bk]
-    dp = lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)          # [bq,bk]
+    dp = mm(do, v, NT)                                                           # [bq,bk]
     ds = p * (dp - di)
     if logit_softcap:  # d/dx c*tanh(x/c) = 1 - tanh^2 = 1 - (s/c)^2
         ds = ds * (1.0 - (s / logit_softcap) ** 2)
@@ -102,7 +115,7 @@ def dq_kernel(lo_ref, hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_re
         k = k_ref[...]
         _, ds = _probs_and_dlogits(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...],
                                    di_ref[...], mask, scale, logit_softcap)
-        dq_sc[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        dq_sc[...] += mm(ds.astype(k.dtype), k)
 
     @pl.when(j == nk - 1)
     def _finish():
@@ -129,10 +142,8 @@ def dkv_kernel(lo_ref, hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_r
         q, do = q_ref[...], do_ref[...]
         p, ds = _probs_and_dlogits(q, k_ref[...], v_ref[...], do, lse_ref[...], di_ref[...],
                                    mask, scale, logit_softcap)
-        dv_sc[...] += lax.dot_general(p.astype(do.dtype), do, TN,
-                                      preferred_element_type=jnp.float32)         # [bk,H]
-        dk_sc[...] += lax.dot_general(ds.astype(q.dtype), q, TN,
-                                      preferred_element_type=jnp.float32)         # [bk,H]
+        dv_sc[...] += mm(p.astype(do.dtype), do, TN)                             # [bk,H]
+        dk_sc[...] += mm(ds.astype(q.dtype), q, TN)                              # [bk,H]
 
     @pl.when((g == groups - 1) & (i == nq - 1))
     def _finish():

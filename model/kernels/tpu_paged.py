@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from model.kernels.blocking import MASK_VALUE
-from model.kernels.tpu_flash_kernels import NT
+from model.kernels.tpu_flash_kernels import NT, mm
 
 _CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
 
@@ -68,8 +68,7 @@ def _kernel(lengths_ref, table_ref, q_pos_ref, q_ref, *refs, pps, page_size, K, 
                 if quantized:
                     k = (k.astype(jnp.float32) * ks_refs[r][:, h:h + 1]).astype(q.dtype)
                     v = (v.astype(jnp.float32) * vs_refs[r][:, h:h + 1]).astype(q.dtype)
-                s = lax.dot_general(q, k.astype(q.dtype), NT,
-                                    preferred_element_type=jnp.float32) * scale  # [GT,ps]
+                s = mm(q, k.astype(q.dtype), NT) * scale                         # [GT,ps]
                 if logit_softcap:
                     s = logit_softcap * jnp.tanh(s / logit_softcap)
                 ss.append(jnp.where(masks[r], s, MASK_VALUE))
@@ -83,8 +82,7 @@ def _kernel(lengths_ref, table_ref, q_pos_ref, q_ref, *refs, pps, page_size, K, 
             for r in range(pps):
                 p = jnp.where(masks[r], jnp.exp(ss[r] - m_new), 0.0)             # [GT,ps]
                 l_new += p.sum(axis=-1, keepdims=True)
-                pv += jnp.dot(p.astype(q.dtype), vs[r].astype(q.dtype),
-                              preferred_element_type=jnp.float32)                # [GT,H]
+                pv += mm(p.astype(q.dtype), vs[r].astype(q.dtype))               # [GT,H]
             m_sc[h], l_sc[h], acc_sc[h] = m_new, l_new, pv
 
     @pl.when(step == pl.num_programs(1) - 1)
