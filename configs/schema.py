@@ -37,6 +37,8 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "full"              # none | full | save_dots | minimal
     attention_impl: str = "auto"     # auto | xla | pallas | cudnn
+    attn_block_q: int = 0            # pallas flash query block; 0 = per-platform default
+    attn_block_kv: int = 0           # pallas flash key block; 0 = per-platform default
 
     @property
     def resolved_head_dim(self) -> int:
