@@ -67,20 +67,18 @@ def main(argv=None) -> int:
             log(f"report written to {spec.sweep_dir}/results.md")
             return 0
         log(f"sweep {spec.name}: {len(spec.trials)} trials, {spec.parallel} at a time, in {spec.sweep_dir}")
-        if prepare_cmd:
-            from sweeps.shared import prepare
-            prepare(prepare_cmd, spec)
+        from sweeps.shared import prepare
         code = run_sweep(spec, retry_failed=args.retry_failed, extra=extra,
-                         on_change=lambda state: write_report(spec, state.records, plots=False))
+                         on_change=lambda state: write_report(spec, state.records, plots=False),
+                         before=(lambda: prepare(prepare_cmd, spec)) if prepare_cmd else None)
     except ConfigError as e:  # SweepError included: one line, exit code 2
         print(f"error: {e}", file=sys.stderr)
         return 2
     records = {r["id"]: r for r in read_state(spec.sweep_dir).get("trials", [])}
     rows = write_report(spec, records)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "failed", "interrupted", "pending")}
-    best = next((r for r in rows if r["status"] == "finished" and r["metric"] is not None), None)
     from sweeps.report import ranked
-    best = ranked(spec, rows)[0] if best else None
+    best = next((r for r in ranked(spec, rows) if r["status"] == "finished" and r["metric"] is not None), None)
     summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     log(f"done: {summary}; results in {spec.sweep_dir}/results.md"
         + (f"; best {best['trial']} {spec.metric} {best['metric']:.4f}" if best else ""))

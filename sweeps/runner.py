@@ -27,6 +27,7 @@ from sweeps.spec import ROOT, SweepError, SweepSpec, Trial, definition_hash, tri
 
 STATE_FILE = "trials.json"
 DONE = ("finished", "failed")
+STOP_GRACE_S = 300  # how long a stopped trial may take to save its checkpoint
 
 
 def log(msg: str) -> None:
@@ -97,7 +98,7 @@ def read_state(sweep_dir: Path) -> dict:
 
 # ----------------------------------------------------------------------------- processes
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """preexec_fn: ask Linux to SIGTERM this child when the sweep process dies (even by SIGKILL)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_DEATHSIG
@@ -193,23 +194,27 @@ def _lock(sweep_dir: Path):
 
 
 def run_sweep(spec: SweepSpec, retry_failed: bool = False, extra: tuple[str, ...] = (),
-              on_change=None) -> int:
+              on_change=None, before=None) -> int:
     """Run every unfinished trial; returns 0 if all finished, 1 if some failed, 128+sig if stopped.
 
     `extra`: overrides added to every trial's command (e.g. the shared tokenizer);
-    `on_change(state)`: called after each trial ends (the results table is rewritten there).
+    `on_change(state)`: called after each trial ends (the results table is rewritten there);
+    `before()`: sweep-level preparation, run once the sweep directory is locked.
     """
     lock = _lock(spec.sweep_dir)
     state = SweepState(spec)
     wait_for_leftovers(state)
+    if before:
+        before()
     todo = [t for t in spec.trials
             if state[t.id]["status"] not in DONE or (retry_failed and state[t.id]["status"] == "failed")]
     skipped = len(spec.trials) - len(todo)
     if skipped:
         log(f"{skipped} of {len(spec.trials)} trials already done; {len(todo)} to run")
     index = {t.id: i + 1 for i, t in enumerate(spec.trials)}
+    targets = {t.id: trial_config(spec, t).train.steps for t in todo}  # read configs once, up front
     n = len(spec.trials)
-    queue, running = deque(todo), {}
+    queue, running, stopped_at = deque(todo), {}, None
     stop = _Stop()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
@@ -223,7 +228,7 @@ def run_sweep(spec: SweepSpec, retry_failed: bool = False, extra: tuple[str, ...
                 logf.write(f"$ {shlex.join(cmd)}\n")
                 logf.flush()
                 proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                        preexec_fn=_die_with_parent)
+                                        preexec_fn=die_with_parent)
                 resumed = " (resuming)" if rec["launches"] else ""
                 rec.update(status="running", pid=proc.pid, launches=rec["launches"] + 1,
                            started=time.time(), returncode=None, error=None)
@@ -231,16 +236,18 @@ def run_sweep(spec: SweepSpec, retry_failed: bool = False, extra: tuple[str, ...
                 running[trial.id] = (proc, logf, trial)
                 log(f"trial {index[trial.id]}/{n} {trial.id} started{resumed}: {' '.join(trial.overrides)}")
             if stop.signum is not None:
+                stopped_at = stopped_at or time.time()
                 for proc, _, _ in running.values():
-                    if proc.poll() is None:
-                        proc.send_signal(signal.SIGTERM)  # train.py checkpoints and exits
+                    if proc.poll() is None:  # train.py checkpoints and exits; SIGKILL if it hangs
+                        proc.send_signal(signal.SIGTERM if time.time() - stopped_at < STOP_GRACE_S else signal.SIGKILL)
             for tid, (proc, logf, trial) in list(running.items()):
                 rc = proc.poll()
                 if rc is None:
                     continue
                 logf.close()
                 del running[tid]
-                _record_end(spec, state, trial, rc, f"trial {index[tid]}/{n} {tid}", stop.signum is not None)
+                _record_end(spec, state, trial, rc, targets[tid], f"trial {index[tid]}/{n} {tid}",
+                            stop.signum is not None)
                 if on_change:
                     on_change(state)
             time.sleep(0.2)
@@ -255,20 +262,25 @@ def run_sweep(spec: SweepSpec, retry_failed: bool = False, extra: tuple[str, ...
     if stop.signum is not None:
         log(f"{signal.Signals(stop.signum).name}: stopped; rerun the same command to resume")
         return 128 + stop.signum
-    failed = [r["id"] for r in state.records.values() if r["status"] == "failed"]
+    failed = [t.id for t in spec.trials if state[t.id]["status"] == "failed"]
     return 1 if failed else 0
 
 
-def _record_end(spec: SweepSpec, state: SweepState, trial: Trial, rc: int, label: str, stopping: bool) -> None:
+def _record_end(spec: SweepSpec, state: SweepState, trial: Trial, rc: int, target: int, label: str,
+                stopping: bool) -> None:
+    """Record how a trial's process ended: finished, interrupted (resumable) or failed."""
     rec = state[trial.id]
     run_dir = trial_dir(spec, trial)
-    steps, target = last_step(run_dir), trial_config(spec, trial).train.steps
+    steps = last_step(run_dir)
     rec.update(returncode=rc, pid=None, ended=time.time())
     if rc == 0 and steps >= target:
         rec.update(status="finished", error=None)
-        from sweeps.report import trial_summary
+        from sweeps.report import read_metrics, trial_summary
         value = trial_summary(run_dir, spec.metric)["metric"]
-        shown = "n/a" if value is None else f"{value:.4f}"
+        shown = f"{value:.4f}"
+        if value is None:  # a misspelt metric name should not go unnoticed until the table
+            keys = sorted({k for row in read_metrics(run_dir) for k in row} - {"step"})
+            shown = f"missing from metrics.jsonl (it has {', '.join(keys)})"
         log(f"{label} finished: {spec.metric} {shown} after {steps} steps")
     elif rc == 0 or stopping:  # stopped by a signal (ours, or a preemption's): not a failure
         rec.update(status="interrupted", error=f"stopped at step {max(steps, 0)} of {target}")

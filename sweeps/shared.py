@@ -46,7 +46,7 @@ def shared_tokenizer(spec: SweepSpec) -> tuple[tuple[str, ...], list[str] | None
 
 def prepare(cmd: list[str], spec: SweepSpec) -> None:
     """Run the tokenizer command once (skipped when the tokenizer exists: a resumed sweep)."""
-    from sweeps.runner import error_line, log
+    from sweeps.runner import die_with_parent, error_line, log
     path = tokenizer_path(spec)
     if path.is_file():
         return
@@ -54,7 +54,8 @@ def prepare(cmd: list[str], spec: SweepSpec) -> None:
     log(f"training the shared tokenizer into {path}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     with open(path.parent / "prepare.log", "w") as logf:
-        rc = subprocess.run([sys.executable, *cmd[1:]], stdout=logf, stderr=subprocess.STDOUT, env=env).returncode
+        rc = subprocess.run([sys.executable, *cmd[1:]], stdout=logf, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=die_with_parent).returncode
     if rc != 0 or not path.is_file():
         why = error_line(path.parent / "prepare.log", rc).removeprefix("error: ")
         raise SweepError(f"training the shared tokenizer failed: {why} (log: {path.parent / 'prepare.log'})")

@@ -342,4 +342,5 @@ def trial_config(spec: SweepSpec, trial: Trial) -> Config:
 
 def definition_hash(trial: Trial, base: str) -> str:
     """Identifies what a trial runs, so a rerun can tell that the sweep file changed under it."""
+    base = str(resolve_path(base).resolve())  # 'tiny' and 'configs/tiny.yaml' are the same trial
     return hashlib.sha1("\n".join((base,) + trial.overrides).encode()).hexdigest()[:12]
