@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import Config, ConfigError
+from configs.loader import validate
 from tasks.classify import model as cm
 from tasks.classify.dataset import (DatasetError, LabelMap, class_weights, encode_texts, read_csv,
                                     stratified_split, train_tokenizer)
@@ -142,12 +143,17 @@ class ClassifyRun:
                 raise ConfigError(f"train.init_from {cfg.train.init_from} is not a language-model checkpoint")
             # The architecture is the checkpoint's; execution choices (remat, attention) stay ours.
             keep = {k: getattr(cfg.model, k) for k in ("remat", "attention_impl", "scan_layers", "compute_dtype")}
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(lm_cfg.model, **keep))
+            model = dataclasses.replace(lm_cfg.model, **keep)
+            # data.seq_len (LM packing) is unused here but must fit the model for the saved config
+            # to load again.
+            cfg = dataclasses.replace(cfg, model=model, data=dataclasses.replace(
+                cfg.data, seq_len=min(cfg.data.seq_len, model.max_seq_len)))
             init_backbone = nnx.to_pure_dict(lm_params)
         elif resuming:
             from training.checkpoint import read_config
             cfg = dataclasses.replace(cfg, model=read_config(run_dir).model)
         self.cfg = cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, num_classes=C))
+        validate(cfg)
         self.tokenizer = setup_tokenizer(cfg, run_dir, self.train_ex.texts, init_tok)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} tokens but "
