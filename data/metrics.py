@@ -13,6 +13,8 @@ def token_bytes(tokenizer) -> np.ndarray:
     Byte-fallback pieces (<0x0A>) count 1, '▁' counts as one space byte, control and unknown
     tokens (pad, bos, eos, unk) count 0.
     """
+    if hasattr(tokenizer, "token_bytes"):  # Hugging Face tokenizers know their own byte lengths
+        return np.asarray(tokenizer.token_bytes(), np.int32)
     sp = tokenizer.sp
     out = np.zeros(sp.get_piece_size(), dtype=np.int32)
     for i in range(len(out)):

@@ -5,6 +5,7 @@ Side effects live here and in train.py; the step itself is the pure function in 
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 
 import data
 from configs import Config, ConfigError, to_dict
+from configs.loader import validate
 from model.stats import flops_per_token
 from sharding.mesh import make_mesh
 from training.checkpoint import Checkpointer, write_config
@@ -72,6 +74,10 @@ class Trainer:
     """Owns the mesh, data, state and sinks of one run; `run()` trains to cfg.train.steps."""
 
     def __init__(self, cfg: Config, log_enabled: bool = True):
+        if cfg.train.init_from:  # fine-tuning takes the architecture of its starting checkpoint
+            from interop.load import adopt_architecture, checkpoint_config
+            cfg = adopt_architecture(cfg, checkpoint_config(cfg.train.init_from))
+            validate(cfg)
         self.cfg = cfg
         check_run_dir(cfg)
         self.run_dir = Path(cfg.train.run_dir)
@@ -80,13 +86,16 @@ class Trainer:
         if cfg.train.batch_size % (pc * cfg.train.grad_accum):
             raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must divide over "
                               f"{pc} processes x {cfg.train.grad_accum} micro-batches")
-        self.tokenizer = data.load_tokenizer(cfg, str(self.run_dir))
+        self.tokenizer = self._tokenizer()
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} tokens but "
                               f"model.vocab_size is {cfg.model.vocab_size}")
         self.train_data = data.make_loader(cfg, self.tokenizer, str(self.run_dir), "train", pi, pc)
         self.val_data = data.make_loader(cfg, self.tokenizer, str(self.run_dir), "val", pi, pc)
         write_config(self.run_dir, cfg)
+        kept = self.run_dir / "tokenizer.model"  # the run keeps the tokenizer it was trained with
+        if Path(self.tokenizer.path).suffix == ".model" and not kept.exists() and pi == 0:
+            shutil.copyfile(self.tokenizer.path, kept)
 
         self.optimizer, self.schedule = make_optimizer(cfg.train), learning_rate(cfg.train)
         self.graphdef, self.abstract, self.shardings = state_layout(cfg, self.mesh, self.optimizer)
@@ -99,6 +108,19 @@ class Trainer:
         self.token_bytes = jnp.asarray(data.token_bytes(self.tokenizer), jnp.float32)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.logger = MetricsLogger(self.run_dir, cfg.train.steps, self.start_step, log_enabled)
+
+    def _tokenizer(self):
+        """The starting checkpoint's tokenizer (copied into the run) when fine-tuning, else data's."""
+        init_from = self.cfg.train.init_from
+        from interop.tokenizers import TOKENIZER_FILES, has_tokenizer, load_tokenizer_dir
+        if not init_from or not has_tokenizer(init_from):
+            return data.load_tokenizer(self.cfg, str(self.run_dir))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            src, dst = Path(init_from) / name, self.run_dir / name
+            if src.is_file() and not dst.exists() and jax.process_index() == 0:
+                shutil.copyfile(src, dst)
+        return load_tokenizer_dir(init_from)
 
     def _restore_or_init(self):
         cfg = self.cfg
@@ -149,21 +171,21 @@ class Trainer:
                 jax.block_until_ready(self.state)
                 jax.profiler.stop_trace()
                 profiling = False
-            if step == self.start_step + 1:  # exclude compilation from throughput
-                jax.block_until_ready(metrics)
-                window_start, window_tokens = time.time(), 0.0
-                continue
-            window_tokens += tc.batch_size * cfg.data.seq_len
-            if step % tc.log_every == 0 or step == tc.steps or stop.signal:
+            first = step == self.start_step + 1  # includes compilation: no throughput figures
+            if not first:
+                window_tokens += tc.batch_size * cfg.data.seq_len
+            if first or step % tc.log_every == 0 or step == tc.steps or stop.signal:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.time() - window_start
-                steps_in_window = window_tokens / (tc.batch_size * cfg.data.seq_len)
-                metrics.update(throughput(window_tokens, elapsed, self.flops_per_token, n_dev, peak))
-                metrics["step_time"] = elapsed / max(steps_in_window, 1)
                 if not math.isfinite(metrics["loss"]):
                     raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; lower train.lr")
+                if not first and window_tokens:
+                    elapsed = time.time() - window_start
+                    metrics.update(throughput(window_tokens, elapsed, self.flops_per_token, n_dev, peak))
+                    metrics["step_time"] = elapsed * tc.batch_size * cfg.data.seq_len / window_tokens
+                    self.logger.progress(step, metrics)
+                else:
+                    self.logger.message(f"step {step}: loss {metrics['loss']:.4f} (compiled and ran the first step)")
                 self.logger.log(step, metrics)
-                self.logger.progress(step, metrics)
                 last, window_start, window_tokens = metrics, time.time(), 0.0
             if tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps):
                 last.update(self.evaluate())

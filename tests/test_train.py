@@ -1,0 +1,240 @@
+"""End-to-end training: loss falls, exact resume after SIGKILL, SIGTERM, partial checkpoints,
+resharding restore, two processes, and bad input that leaves the run directory untouched."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small real corpus (the json and email packages' source) and a tokenizer trained once."""
+    root = tmp_path_factory.mktemp("corpus")
+    for pkg in ("json", "email"):
+        for f in sorted((STDLIB / pkg).glob("*.py")):
+            shutil.copy(f, root / f"{pkg}_{f.name}")
+    import data
+    from configs import load_config
+    docs = [p.read_text() for p in sorted(root.glob("*.py"))]
+    tok = data.train_tokenizer(docs, 384, root.parent / "tok.model", sample_bytes=10**6)
+    return root, tok.path
+
+
+def small(corpus, run_dir, *extra):
+    root, tok = corpus
+    return ["tiny", f"data.path={root}", f"data.tokenizer={tok}", f"train.run_dir={run_dir}",
+            "model.vocab_size=384", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+            "model.n_kv_heads=1", "model.mlp_dim=64", "data.seq_len=32", "train.batch_size=8",
+            "train.eval_batches=1", "train.log_every=1", "model.attention_impl=xla", *extra]
+
+
+def env(devices=1):
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "TESSERA_"))}
+    e.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return e
+
+
+def train(args, devices=1, timeout=300, **kw):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env(devices), capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def finished_steps(run_dir) -> list[int]:
+    d = Path(run_dir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def test_loss_falls_in_process(corpus, tmp_path):
+    from configs import load_config
+    from training.loop import Trainer
+    args = small(corpus, tmp_path / "run", "train.steps=40", "train.lr=3e-3", "train.warmup_steps=5",
+                 "train.eval_every=40", "checkpoint.every=1000")
+    cfg = load_config(args[0], args[1:])
+    trainer = Trainer(cfg, log_enabled=True)
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    curve = losses(tmp_path / "run")
+    assert np.mean([curve[s] for s in range(36, 41)]) < curve[1] - 0.8, curve
+    assert summary["final"]["val_bpb"] < summary["initial"]["val_bpb"]
+    assert jax.device_count() == 8  # the run used the 8-device fsdp mesh
+    assert finished_steps(tmp_path / "run") == [40]  # saved at the end
+
+
+def test_resume_after_sigkill_matches_straight_run(corpus, tmp_path):
+    common = ["train.steps=160", "train.eval_every=0", "checkpoint.every=40"]
+    straight = train(small(corpus, tmp_path / "a", *common))
+    assert straight.returncode == 0, straight.stderr
+    proc = subprocess.Popen([sys.executable, "train.py", *small(corpus, tmp_path / "b", *common)], cwd=ROOT,
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not finished_steps(tmp_path / "b") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = finished_steps(tmp_path / "b")
+    assert saved and saved[-1] < 160, f"the kill came too late to test resuming: {saved}"
+    resumed = train(small(corpus, tmp_path / "b", *common))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert all(a[s] == b[s] for s in range(saved[-1] + 1, 161)), "losses after the restart differ"
+    meta = json.loads(next((tmp_path / "b" / "checkpoints" / str(saved[-1])).glob("meta/*")).read_text()) \
+        if (tmp_path / "b" / "checkpoints" / str(saved[-1]) / "meta").is_dir() else None
+    if meta is not None:
+        assert meta["data_step"] == saved[-1]
+
+
+def test_sigterm_saves_then_partial_checkpoint_is_skipped(corpus, tmp_path):
+    run = tmp_path / "run"
+    args = small(corpus, run, "train.steps=100000", "train.eval_every=0", "checkpoint.every=100000")
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and losses(run)):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM received: saving step" in err
+    saved = finished_steps(run)
+    assert len(saved) == 1 and saved[0] == max(losses(run))
+    first = saved[0]
+    # a second, later checkpoint whose files are then truncated on disk
+    later = train([*args[:-2], "train.eval_every=0", f"train.steps={first + 3}", "checkpoint.every=100000"])
+    assert later.returncode == 0, later.stderr
+    assert finished_steps(run) == [first, first + 3]
+    for f in (run / "checkpoints" / str(first + 3)).rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "params" in str(f):
+            f.write_bytes(b"")
+    out = train([*args[:-2], "train.eval_every=0", f"train.steps={first + 5}", "checkpoint.every=100000"])
+    assert out.returncode == 0, out.stderr
+    assert f"checkpoint step {first + 3}" in out.stderr and "unreadable" in out.stderr
+    # it resumed from `first`: step first+1 was trained twice (metrics.jsonl appends across runs)
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps.count(first + 1) == 2 and finished_steps(run) == [first, first + 5]
+
+
+def test_restore_onto_a_different_mesh(corpus, tmp_path):
+    from configs import load_config
+    from sharding.mesh import make_mesh
+    from training.checkpoint import Checkpointer
+    from training.optimizer import make_optimizer
+    from training.state import abstract_with_shardings, init_train_state, state_layout
+    base = small(corpus, tmp_path)[1:] + ["model.n_heads=4", "model.n_kv_heads=4"]
+    cfg8 = load_config("tiny", base + ["mesh.fsdp=8"])
+    opt = make_optimizer(cfg8.train)
+    mesh8 = make_mesh(cfg8)
+    _, _, sh8 = state_layout(cfg8, mesh8, opt)
+    state = init_train_state(cfg8, mesh8, opt, sh8)
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    ckpt.save(7, state["params"], state["opt_state"], {"step": 7})
+    ckpt.wait()
+    cfg4 = load_config("tiny", base + ["mesh.fsdp=1", "mesh.tensor=4", "mesh.rules=fsdp_tp"])
+    mesh4 = make_mesh(cfg4, jax.devices()[:4])
+    _, abstract, sh4 = state_layout(cfg4, mesh4, opt)
+    target = abstract_with_shardings(abstract, sh4)
+    step, params, opt_state, meta = ckpt.restore(target["params"], target["opt_state"])
+    ckpt.close()
+    assert step == 7 and meta["step"] == 7
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state["params"], params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 state["opt_state"], opt_state)
+    assert params["layers"]["wq"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert len(params["layers"]["wq"].sharding.mesh.devices.flat) == 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_reproduce_single_process(corpus, tmp_path):
+    common = ["train.steps=4", "train.eval_every=2", "checkpoint.every=1000"]
+    single = train(small(corpus, tmp_path / "single", *common), devices=2)
+    assert single.returncode == 0, single.stderr
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "train.py", *small(corpus, tmp_path / "multi", *common),
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              cwd=ROOT, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "multi")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-6)
+
+
+def tree_digest(path: Path) -> dict:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def existing_run(corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("existing") / "run"
+    out = train(small(corpus, run, "train.steps=2", "train.eval_every=0", "checkpoint.every=1"))
+    assert out.returncode == 0, out.stderr
+    return run
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "data path not found"),
+    ("empty", "no train documents with text in"),
+    ("tokenizer", "tokenizer"),
+    ("seq_len", "data.seq_len (1024) exceeds model.max_seq_len (512)"),
+])
+def test_bad_input_leaves_run_dir_intact(corpus, existing_run, tmp_path, case, message):
+    before = tree_digest(existing_run)
+    args = small(corpus, existing_run, "train.steps=4")
+    if case == "missing":
+        args.append(f"data.path={tmp_path / 'nope'}")
+    elif case == "empty":
+        (tmp_path / "empty").mkdir()
+        args.append(f"data.path={tmp_path / 'empty'}")
+    elif case == "tokenizer":
+        (tmp_path / "bad.model").write_bytes(b"not a sentencepiece model")
+        args.append(f"data.tokenizer={tmp_path / 'bad.model'}")
+    else:
+        args.append("data.seq_len=1024")
+    out = train(args)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], out.stderr
+    assert "Traceback" not in out.stderr
+    assert tree_digest(existing_run) == before
+
+
+def test_fine_tune_from_a_tessera_checkpoint_starts_from_its_weights(corpus, existing_run, tmp_path):
+    out = train(small(corpus, tmp_path / "ft", f"train.init_from={existing_run}", "train.steps=0",
+                      "train.eval_every=1", "model.d_model=64"))  # the architecture comes from init_from
+    assert out.returncode == 0, out.stderr
+    from configs import load_config
+    from training.checkpoint import read_config
+    assert read_config(tmp_path / "ft").model.d_model == 32
+    ref = train(small(corpus, tmp_path / "ref", f"train.init_from={existing_run}", "train.steps=0",
+                      "train.eval_every=1"))
+    assert ref.returncode == 0
+    rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows(tmp_path / "ft")[0]["val_loss"] == rows(tmp_path / "ref")[0]["val_loss"]
