@@ -104,15 +104,17 @@ def write_tables(spec: SweepSpec, rows: list[dict]) -> None:
              ""]
     if order and order[0]["status"] == "finished" and order[0]["metric"] is not None:
         best = order[0]
-        lines += [f"Best: **{best['trial']}** ({', '.join(f'{k}={format_value(v)}' for k, v in best['values'].items())})"
+        setting = ", ".join(f"{k}={format_value(v)}" for k, v in best["values"].items())
+        lines += [f"Best: **{best['trial']}** ({setting})"
                   f" with {spec.metric} {_fmt(best['metric'])}.", ""]
     head = ["rank", "trial", *keys, spec.metric, "steps", "tokens/s", "params", "status", "error"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(order, 1):
         rank = str(i) if r["status"] == "finished" and r["metric"] is not None else ""
         error = r["error"].replace("|", "\\|")
+        tps = "" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
         cells = [rank, r["trial"], *(format_value(r["values"][k]) for k in keys), _fmt(r["metric"]),
-                 str(r["steps"]), ("" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"), f"{r['params']:,}", r["status"],
+                 str(r["steps"]), tps, f"{r['params']:,}", r["status"],
                  error[:120] + ("..." if len(error) > 120 else "")]
         lines.append("| " + " | ".join(cells) + " |")
     (spec.sweep_dir / "results.md").write_text("\n".join(lines) + "\n")

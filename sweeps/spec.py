@@ -291,7 +291,8 @@ def load_sweep(path: str | Path, sweep_dir: str | None = None) -> SweepSpec:
     base = _resolve_base(raw["base"], path)
     fixed = _overrides(raw.get("overrides"))
     if not isinstance(raw.get("axes"), dict) or not raw["axes"]:
-        raise _err("axes", f"must map at least one config key to {{grid: [...]}} or a random draw, got {raw.get('axes')!r}")
+        raise _err("axes", "must map at least one config key to {grid: [...]} or a random draw, "
+                           f"got {raw.get('axes')!r}")
     fixed_keys = {o.split("=", 1)[0] for o in fixed}
     axes, seen = [], set()
     for key, spec in raw["axes"].items():
