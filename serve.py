@@ -53,6 +53,8 @@ def warmup(engine, log) -> None:
     t0 = time.perf_counter()
     for b in engine.buckets:
         n = max(1, min(b, engine.max_len - 2))
+        if engine.check(n, 2):  # a bucket the cache cannot hold is never used
+            continue
         engine.generate([1] * n, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
     log.info("compiled %d prefill buckets and the decode step in %.1fs", len(engine.buckets),
              time.perf_counter() - t0)

@@ -96,7 +96,7 @@ def tessera_decode(engine: Engine, prompts: np.ndarray, n: int) -> tuple[float, 
     """Decode tokens/s of B concurrent greedy requests through the engine, and the tokens."""
     B = prompts.shape[0]
     first, last, toks = [0.0] * B, [0.0] * B, [[] for _ in range(B)]
-    done = threading.Barrier(B + 1)
+    done, left = threading.Event(), [B]  # sinks run on the engine thread: never block there
 
     def sink(i):
         def f(ev):
@@ -106,7 +106,9 @@ def tessera_decode(engine: Engine, prompts: np.ndarray, n: int) -> tuple[float, 
             toks[i] += ev.token_ids
             if ev.finish_reason:
                 last[i] = now
-                done.wait()
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
         return f
 
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)

@@ -94,3 +94,20 @@ def test_int8_kv_quantization_error():
     q, s = quantize_kv(x)
     err = np.abs(np.asarray(q, np.float32) * np.asarray(s)[..., None] - x)
     assert q.dtype == np.int8 and err.max() <= np.abs(x).max() / 127 / 2 + 1e-6
+
+
+def test_tensor_parallel_serving_matches_full_forward():
+    """tp=2 (serve_tp rules): weights and cache split over `tensor`, same greedy tokens."""
+    run = H.checkpoint(H.TRAIN_STEPS)
+    cfg, mesh, params, tok = load_for_serving(str(run), ["serve.kv_dtype=float32"], tp=2)
+    assert "tensor" in str(params["layers"]["wq"].sharding.spec)
+    eng = Engine(cfg, params, tok, mesh=mesh).start()
+    try:
+        assert "tensor" in str(eng.cache.k.sharding.spec)
+        prompt = [1] + tok.encode(PROMPTS[1])
+        assert eng.generate(prompt, greedy(16))["token_ids"] == H.reference_greedy(cfg, params, prompt, 16)
+    finally:
+        eng.stop()
+    _, _, qparams, _ = load_for_serving(str(run), tp=2, int8=True)
+    q = qparams["layers"]["w_down"]  # [L,F,D]: F (contracted) split, scales replicated over it
+    assert "tensor" in str(q.values.sharding.spec) and "tensor" not in str(q.scale.sharding.spec)
