@@ -133,6 +133,7 @@ def test_sigterm_saves_then_partial_checkpoint_is_skipped(corpus, tmp_path):
     # it resumed from `first`: step first+1 was trained twice (metrics.jsonl appends across runs)
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps.count(first + 1) == 2 and finished_steps(run) == [first, first + 5]
+    assert (run / "checkpoints" / f"unreadable-{first + 3}").is_dir()  # set aside, not deleted
 
 
 def test_restore_onto_a_different_mesh(corpus, tmp_path):

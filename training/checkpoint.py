@@ -82,11 +82,24 @@ class Checkpointer:
             try:
                 out = self.manager.restore(s, args=ocp.args.Composite(**items))
             except Exception as e:  # a truncated or corrupted step: fall back to the previous one
-                log.warning("checkpoint step %d in %s is unreadable (%s); trying an older one",
-                            s, self.directory, str(e).splitlines()[0][:200])
+                log.warning("checkpoint step %d in %s is unreadable (%s); moved aside to %s, trying an "
+                            "older one", s, self.directory, str(e).splitlines()[0][:200], f"unreadable-{s}")
+                self._set_aside(s)
                 continue
             return s, out["params"], out.get("opt_state"), out["meta"]
         return None
+
+    def _set_aside(self, step: int) -> None:
+        """Rename an unreadable step out of orbax's view (kept for inspection, never loaded), so a
+        resumed run can save that step number again."""
+        if jax.process_index() == 0:
+            src = self.directory / str(step)
+            if src.is_dir():
+                dst = self.directory / f"unreadable-{step}"
+                if dst.exists():
+                    dst = self.directory / f"unreadable-{step}-{os.getpid()}"
+                os.replace(src, dst)
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
