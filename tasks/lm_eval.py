@@ -102,7 +102,8 @@ def perplexity(lm: LoadedLM, path: str, seq_len: int = 0, batch_size: int = 0, m
     nll = totals["nll_sum"] / max(totals["tokens"], 1.0)
     return {"checkpoint": lm.path, "data": str(path), "documents": len(docs), "seq_len": T,
             "tokens": int(totals["tokens"]), "bytes": int(totals["bytes"]), "nll_per_token": nll,
-            "perplexity": math.exp(min(nll, 700)), "bits_per_byte": data.bits_per_byte(totals["nll_sum"], totals["bytes"])}
+            "perplexity": math.exp(min(nll, 700)),
+            "bits_per_byte": data.bits_per_byte(totals["nll_sum"], totals["bytes"])}
 
 
 def read_choices(path: str | Path) -> list[dict]:

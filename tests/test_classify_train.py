@@ -115,7 +115,6 @@ def test_padding_does_not_change_logits():
 def test_init_from_language_model_checkpoint(tmp_path):
     """train.init_from loads an LM run directory's weights and tokenizer into the backbone."""
     from flax import nnx
-    from sharding.mesh import make_mesh
     from tasks.classify.dataset import train_tokenizer
     from tasks.classify.train import ClassifyRun
     from training.checkpoint import save_params

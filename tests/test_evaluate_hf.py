@@ -58,7 +58,8 @@ def test_classifier_fine_tunes_from_hf_directory(hf_dir, tmp_path):
     csv = tmp_path / "d.csv"
     csv.write_text("text,label\n" + "".join(f"{'yes' if i % 2 else 'no'} item {i},{i % 2}\n" for i in range(40)))
     run = tmp_path / "run"
-    rc = train.main(["configs/tasks/classify.yaml", f"data.path={csv}", f"train.run_dir={run}", f"train.init_from={path}",
+    rc = train.main(["configs/tasks/classify.yaml", f"data.path={csv}", f"train.run_dir={run}",
+                     f"train.init_from={path}",
                      "train.steps=4", "train.eval_every=0", "train.batch_size=8", "task.max_len=16",
                      "checkpoint.async_save=false"])
     assert rc == 0 and (run / "tokenizer.json").is_file()

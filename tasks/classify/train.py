@@ -226,7 +226,8 @@ class ClassifyRun:
                 metrics["step_time"] = (time.time() - t0) / tc.log_every
                 log.log(step, metrics)
                 log.message(f"step {step}/{tc.steps} | loss {metrics['loss']:.4f} | batch accuracy "
-                            f"{metrics['accuracy']:.3f} | lr {metrics['lr']:.2e} | {1e3 * metrics['step_time']:.0f} ms/step")
+                            f"{metrics['accuracy']:.3f} | lr {metrics['lr']:.2e} | "
+                            f"{1e3 * metrics['step_time']:.0f} ms/step")
                 t0 = time.time()
             if tc.eval_every > 0 and step % tc.eval_every == 0 and step != tc.steps:
                 _, last = self.validate()
