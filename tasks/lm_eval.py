@@ -53,10 +53,12 @@ def load_lm(path: str | Path, mesh) -> LoadedLM:
     """A Tessera LM run directory or a Hugging Face directory, with its tokenizer."""
     from flax import nnx
     from interop.load import load_checkpoint
+    if (Path(path) / "config.yaml").is_file():  # check before restoring: a classifier's params differ
+        from training.checkpoint import read_config
+        if read_config(path).task.kind != "lm":
+            raise ConfigError(f"{path} is a {read_config(path).task.kind} checkpoint, not a language model; "
+                              "use `evaluate.py classify`")
     cfg, graphdef, params, tok = load_checkpoint(path, mesh, "fsdp")
-    if cfg.task.kind != "lm":
-        raise ConfigError(f"{path} is a {cfg.task.kind} checkpoint, not a language model; "
-                          "use `evaluate.py classify`")
     if tok is None:
         raise ConfigError(f"{path} has no tokenizer (tokenizer.model or tokenizer.json)")
     return LoadedLM(cfg, graphdef, nnx.to_pure_dict(params), tok, mesh, str(path))

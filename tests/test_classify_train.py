@@ -76,6 +76,9 @@ def test_evaluate_classify_writes_report(trained, capsys):
     assert abs(sum(float(rows[0][f"p_{c}"]) for c in WORDS) - 1) < 1e-4
     for png in ("confusion_matrix.png", "roc_curves.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert evaluate.main(["lm", str(run), str(test_csv)]) == 2  # a classifier is not a language model
+    assert "use `evaluate.py classify`" in capsys.readouterr().err
 
 
 @pytest.mark.slow
