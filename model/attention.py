@@ -3,7 +3,9 @@
 impl (model.attention_impl):
   xla    pure jnp (model/kernels/reference.py); XLA fuses it; partitions like any jnp code.
   pallas our flash kernels: TPU Mosaic kernel on TPU, Triton kernel on GPU, and on CPU the TPU
-         kernel in TPU interpret mode (slow; for tests). Called through shard_map on a mesh.
+         kernel in Pallas interpret mode (slow; for tests). Called through shard_map on a mesh.
+         (Generic interpret, not TPU interpret mode: the latter's io callbacks cannot go under
+         jax.checkpoint, which the model's remat uses. The kernel tests use TPU interpret mode.)
   cudnn  jax.nn.dot_product_attention (cuDNN flash on NVIDIA GPUs, its XLA path elsewhere).
   auto   TPU -> pallas; GPU -> cudnn, or pallas when a logit soft cap is set (cuDNN has none);
          CPU -> xla. See docs/kernels.md for the measurements behind the choice.
@@ -30,7 +32,7 @@ def resolve_impl(impl: str, *, logit_softcap: float = 0.0, platform: str | None 
         raise ValueError(f"model.attention_impl '{impl}' is not one of {IMPLS}")
     if impl != "auto":
         return impl
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     if platform == "tpu":
         return "pallas"
     if platform in ("gpu", "cuda", "rocm"):
@@ -65,9 +67,9 @@ def _pallas_kernel(causal, sliding_window, logit_softcap, block_q, block_kv):
     if platform == "gpu":
         from model.kernels.gpu_flash import flash_attention_gpu as flash
         extra = {}
-    else:  # TPU, or TPU interpret mode on CPU
+    else:  # TPU; elsewhere the TPU kernel interpreted (generic mode: works under remat/scan)
         from model.kernels.tpu_flash import flash_attention as flash
-        extra = dict(interpret=platform != "tpu")
+        extra = dict(interpret=False if platform == "tpu" else "jax")
         if _TARGET.get() and _TARGET.get()[1]:  # block sizes for the target TPU generation
             extra["device_kind"] = _TARGET.get()[1]
 
@@ -139,7 +141,7 @@ def paged_attention(q, k_pages, v_pages, page_table, lengths, *, k_scales=None, 
     q [B,T,N,H] (already written at positions lengths-T .. lengths-1, causal among themselves);
     k/v_pages [P,page_size,K,H] bf16/fp32, or int8 with k/v_scales [P,page_size,K] fp32;
     page_table [B,M] int32; lengths [B] int32 (0 = inactive slot -> zeros). -> [B,T,N,H].
-    impl: xla (gather + reference) | pallas (TPU kernel; Triton on GPU; TPU interpret on CPU) |
+    impl: xla (gather + reference) | pallas (TPU kernel; Triton on GPU; interpreted on CPU) |
     auto (pallas on TPU and GPU, xla on CPU). cudnn has no paged kernel and means xla here."""
     if impl not in IMPLS:
         raise ValueError(f"model.attention_impl '{impl}' is not one of {IMPLS}")
@@ -156,7 +158,7 @@ def paged_attention(q, k_pages, v_pages, page_table, lengths, *, k_scales=None, 
         extra = {}
     else:
         from model.kernels.tpu_paged import paged_attention_tpu as paged
-        extra = dict(interpret=platform != "tpu")
+        extra = dict(interpret=False if platform == "tpu" else "jax")
 
     def kernel(q, k_pages, v_pages, page_table, lengths, k_scales, v_scales):
         return paged(q, k_pages, v_pages, page_table, lengths, k_scales=k_scales,

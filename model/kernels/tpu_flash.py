@@ -35,7 +35,7 @@ class FlashConfig:
     logit_softcap: float
     blocking: blk_lib.Blocking
     groups: int
-    interpret: bool
+    interpret: str  # "" compile for TPU | "tpu" TPU interpret mode | "jax" generic interpret
 
     @property
     def kernel_kwargs(self):
@@ -51,9 +51,25 @@ class FlashConfig:
         return frac
 
 
-def _params(semantics, interpret):
-    if interpret:
+def interpret_mode(interpret) -> str:
+    """None -> TPU interpret mode off TPU; True/"tpu" -> TPU interpret mode (faithful: simulates
+    TPU memory spaces and DMAs, but uses io callbacks, which jax.checkpoint cannot partial-eval);
+    "jax" -> generic Pallas interpret (discharged to plain jnp: works under remat and scan);
+    False/"" -> compile with Mosaic."""
+    if interpret is None:
+        return "" if jax.default_backend() == "tpu" else "tpu"
+    if interpret is True:
+        return "tpu"
+    if interpret not in (False, "", "tpu", "jax"):
+        raise ValueError(f"interpret must be None, a bool, 'tpu' or 'jax', got {interpret!r}")
+    return interpret or ""
+
+
+def _params(semantics, interpret: str):
+    if interpret == "tpu":
         return dict(interpret=pltpu.InterpretParams())
+    if interpret == "jax":
+        return dict(interpret=True)
     return dict(compiler_params=_CompilerParams(dimension_semantics=semantics))
 
 
@@ -207,24 +223,23 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def flash_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_positions=None,
                     kv_positions=None, causal: bool = True, sliding_window: int = 0,
                     logit_softcap: float = 0.0, scale: float | None = None, block_q: int = 0,
-                    block_kv: int = 0, interpret: bool | None = None,
+                    block_kv: int = 0, interpret: bool | str | None = None,
                     device_kind: str | None = None) -> jax.Array:
     """TPU flash attention, differentiable; same arguments and masking rule as reference.py.
 
     q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H]. block_q/block_kv 0 = per-generation default.
-    interpret None = TPU interpret mode unless running on a TPU. device_kind picks the defaults
+    interpret: see interpret_mode (None = TPU interpret mode unless on a TPU). device_kind picks the defaults
     when compiling ahead of time for a topology (default: the first device's kind)."""
     B, T, N, H = q.shape
     _, S, K, _ = k.shape
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+    interpret = interpret_mode(interpret)
     if device_kind is None:
         device_kind = jax.devices()[0].device_kind
     dq_, dk_ = blk_lib.default_blocks("cpu" if interpret else "tpu", device_kind)
     blocking = blk_lib.make_blocking(T, S, block_q or dq_, block_kv or dk_)
     cfg = FlashConfig(scale=float(H ** -0.5 if scale is None else scale), causal=causal,
                       sliding_window=int(sliding_window), logit_softcap=float(logit_softcap),
-                      blocking=blocking, groups=N // K, interpret=bool(interpret))
+                      blocking=blocking, groups=N // K, interpret=interpret)
     masks = blk_lib.masking_inputs(B, T, S, q_positions, kv_positions, q_segment_ids,
                                    kv_segment_ids, blocking)
     qt = jnp.pad(q.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, blocking.t_pad - T), (0, 0)))

@@ -20,9 +20,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from model.kernels.blocking import MASK_VALUE
+from model.kernels.tpu_flash import _params, interpret_mode
 from model.kernels.tpu_flash_kernels import NT, mm
-
-_CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
 
 
 def _kernel(lengths_ref, table_ref, q_pos_ref, q_ref, *refs, pps, page_size, K, scale,
@@ -94,10 +93,11 @@ def _kernel(lengths_ref, table_ref, q_pos_ref, q_ref, *refs, pps, page_size, K, 
 def paged_attention_tpu(q, k_pages, v_pages, page_table, lengths, *, k_scales=None,
                         v_scales=None, sliding_window: int = 0, logit_softcap: float = 0.0,
                         scale: float | None = None, pages_per_step: int = 0,
-                        interpret: bool | None = None) -> jax.Array:
+                        interpret: bool | str | None = None) -> jax.Array:
     """Paged decode attention on TPU; arguments and result as paged_reference.py.
 
-    pages_per_step 0 = enough pages for ~256 tokens per grid step (capped at the table width)."""
+    pages_per_step 0 = enough pages for ~256 tokens per grid step (capped at the table width).
+    interpret: as tpu_flash.interpret_mode (None = TPU interpret mode unless on a TPU)."""
     B, T, N, H = q.shape
     P, ps, K, _ = k_pages.shape
     M = page_table.shape[1]
@@ -105,8 +105,7 @@ def paged_attention_tpu(q, k_pages, v_pages, page_table, lengths, *, k_scales=No
     quantized = k_scales is not None
     pps = min(pages_per_step or max(1, 256 // ps), M)
     n_steps = -(-M // pps)
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+    interpret = interpret_mode(interpret)
     scale = float(H ** -0.5 if scale is None else scale)
 
     # [B,T,N,H] -> [B,K,G*T,H], row g*T + t (small: only the new tokens move).
@@ -150,8 +149,7 @@ def paged_attention_tpu(q, k_pages, v_pages, page_table, lengths, *, k_scales=No
     kernel = functools.partial(_kernel, pps=pps, page_size=ps, K=K, scale=scale,
                                sliding_window=int(sliding_window),
                                logit_softcap=float(logit_softcap), quantized=quantized, T=T)
-    extra = (dict(interpret=pltpu.InterpretParams()) if interpret else
-             dict(compiler_params=_CompilerParams(dimension_semantics=("parallel", "arbitrary"))))
+    extra = _params(("parallel", "arbitrary"), interpret)
     o = pl.pallas_call(kernel, grid_spec=grid_spec,
                        out_shape=jax.ShapeDtypeStruct((B, K, GT, H), q.dtype),
                        cost_estimate=cost, name="tessera_paged_decode", **extra,
