@@ -58,8 +58,8 @@ def run(args) -> dict:
 
     topo = parse_topology(args.topology, args.slices)  # bad names fail before any slow work
     cfg = aot.target_config(load_config(args.config, args.overrides), topo)
+    aot.check_mesh(cfg, topo)  # a mesh/chip-count mismatch is a one-line error up front
     devices = topology_devices(topo)
-    aot.target_mesh(cfg, topo, devices)  # a mesh/chip-count mismatch is a one-line error up front
     print(topo.describe(), flush=True)
     if args.serve:
         from training import aot_serve

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import Config, ConfigError
 from model.stats import flops_per_token
-from sharding.mesh import make_mesh
+from sharding.mesh import check_divisibility, make_mesh, mesh_shape
 from training.optimizer import learning_rate, make_optimizer
 from training.state import abstract_with_shardings, state_layout
 from training.step import BATCH_KEYS, batch_sharding, jit_train_step
@@ -44,13 +46,15 @@ def target_config(cfg: Config, topo: Topology) -> Config:
     """Resolve the platform-dependent `auto` choices for a TPU target instead of this host.
 
     On a CPU host `compute_dtype: auto` would resolve to float32 and `attention_impl: auto` to
-    xla by looking at jax.default_backend(); a TPU runs bf16 compute. Attention defaults to xla
-    (the Pallas flash kernel is used only when asked for, and only where it can target TPU from
-    here). --slices N puts the slices on the data axis unless the config already sets DCN sizes.
+    xla by looking at jax.default_backend(); on a TPU they are bf16 and the Pallas flash kernel,
+    so that is what is compiled (set model.attention_impl=xla to compare). --slices N puts the
+    slices on the data axis unless the config already sets DCN sizes.
     """
     m = cfg.model
+    from model.attention import resolve_impl
     cfg = replace(cfg, "model", compute_dtype="bfloat16" if m.compute_dtype == "auto" else m.compute_dtype,
-                  attention_impl="xla" if m.attention_impl == "auto" else m.attention_impl)
+                  attention_impl=resolve_impl(m.attention_impl, logit_softcap=m.attn_logit_softcap,
+                                              platform="tpu"))
     if cfg.model.attention_impl == "cudnn":
         raise ConfigError("model.attention_impl=cudnn is a GPU kernel; use xla or pallas for TPU targets")
     dcn = cfg.mesh.dcn_data * cfg.mesh.dcn_fsdp * cfg.mesh.dcn_tensor
@@ -62,13 +66,25 @@ def target_config(cfg: Config, topo: Topology) -> Config:
     return cfg
 
 
+def _label(topo: Topology) -> str:
+    return f"{topo.name}{f' x {topo.slices} slices' if topo.slices > 1 else ''} ({topo.n_devices} chips)"
+
+
+def check_mesh(cfg: Config, topo: Topology) -> None:
+    """A mesh that does not match the topology's chip count (or the model) is a one-line error,
+    found from the config alone, before libtpu is asked for devices."""
+    try:
+        check_divisibility(cfg, mesh_shape(cfg.mesh, topo.n_devices))
+    except ConfigError as e:
+        raise ConfigError(f"{_label(topo)}: {e}") from None
+
+
 def target_mesh(cfg: Config, topo: Topology, devices):
     """The (data, fsdp, tensor) mesh over the topology's devices; a one-line error on mismatch."""
     try:
         return make_mesh(cfg, devices)
     except ConfigError as e:
-        raise ConfigError(f"{topo.name}{f' x {topo.slices}' if topo.slices > 1 else ''} "
-                          f"({topo.n_devices} chips): {e}") from None
+        raise ConfigError(f"{_label(topo)}: {e}") from None
 
 
 def _attention_target(cfg: Config, devices):
@@ -104,16 +120,57 @@ def check_batch(cfg: Config, mesh) -> None:
                           f"data-parallel devices ({dp}: mesh data x fsdp)")
 
 
+class CompilerOutOfMemory(Exception):
+    """The TPU compiler refused the program: it needs more HBM than the chip has."""
+
+    def __init__(self, message: str, seconds: float):
+        super().__init__(message)
+        self.message, self.seconds = message, seconds
+        used = re.search(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", message)
+        scale = {None: 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+        self.used = float(used.group(1)) * scale[used.group(2)] if used else None
+        self.capacity = float(used.group(3)) * scale[used.group(4)] if used else None
+
+
+def hlo_stats(text: str) -> dict:
+    """What the optimized HLO says about the cost figures' traps."""
+    return {"concat_bitcasts": len(re.findall(r'custom_call_target="ConcatBitcast"', text)),
+            "while_loops": len(re.findall(r"\swhile\(", text))}
+
+
+def compile_lowered(lowered, t0: float):
+    """Compile -> (executable, seconds, hlo_stats); an HBM overflow raises CompilerOutOfMemory.
+
+    The optimized HLO is read from an XLA dump: `Compiled.as_text()` re-parses the module and
+    fails on some TPU programs (seen on a 7B v5p step: "async-update instruction should have 1
+    operands"), while the compiler's own text dump always works."""
+    with tempfile.TemporaryDirectory(prefix="tessera-aot-") as dump:
+        options = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True}
+        try:
+            compiled = lowered.compile(compiler_options=options)
+        except Exception as e:
+            text = str(e)
+            if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text:
+                lines = [ln.strip() for ln in text.splitlines() if "memory" in ln.lower() or "hbm" in ln.lower()]
+                raise CompilerOutOfMemory(" ".join(lines[:2])[:400] or text[:400],
+                                          time.perf_counter() - t0) from None
+            raise
+        seconds = time.perf_counter() - t0
+        files = sorted(Path(dump).glob("*after_optimizations.txt"), key=lambda f: f.stat().st_size)
+        stats = hlo_stats(files[-1].read_text()) if files else {"concat_bitcasts": 0, "while_loops": -1}
+    return compiled, seconds, stats
+
+
 def compile_train(cfg: Config, topo: Topology, devices):
-    """Lower and compile the jitted train step for the topology: (jax.stages.Compiled, seconds)."""
+    """Lower and compile the jitted train step for the topology: (Compiled, seconds, hlo_stats)."""
     mesh = target_mesh(cfg, topo, devices)
     check_batch(cfg, mesh)
     t0 = time.perf_counter()
     graphdef, optimizer, schedule, shardings, state, batch = abstract_train_inputs(cfg, mesh)
     step = jit_train_step(cfg, graphdef, optimizer, schedule, mesh, shardings)
     with _attention_target(cfg, devices):
-        compiled = step.lower(state, batch).compile()
-    return compiled, time.perf_counter() - t0
+        lowered = step.lower(state, batch)
+    return compile_lowered(lowered, t0)
 
 
 def memory(compiled) -> dict:
@@ -127,18 +184,16 @@ def memory(compiled) -> dict:
     return out
 
 
-def cost(compiled) -> dict:
-    """flops and optimal_seconds as the compiler reports them (per device), plus what the HLO
-    says about their traps: ConcatBitcast calls (-1 s each) and while loops (counted once)."""
+def cost(compiled, hlo: dict) -> dict:
+    """flops and optimal_seconds as the compiler reports them (per device), with what the HLO says
+    about their traps (hlo_stats): ConcatBitcast calls (-1 s each, added back) and while loops
+    (bodies counted once; -1 when the HLO could not be read)."""
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    hlo = compiled.as_text()
-    bitcasts = len(re.findall(r'custom_call_target="ConcatBitcast"', hlo))
-    loops = len(re.findall(r"\swhile\(", hlo))
     raw = float(ca.get("optimal_seconds", float("nan")))
     return {"flops": float(ca.get("flops", 0.0)), "optimal_seconds_raw": raw,
-            "concat_bitcasts": bitcasts, "optimal_seconds": raw + bitcasts, "while_loops": loops,
-            "bytes_accessed": float(ca.get("bytes accessed", 0.0))}
+            "concat_bitcasts": hlo["concat_bitcasts"], "optimal_seconds": raw + hlo["concat_bitcasts"],
+            "while_loops": hlo["while_loops"], "bytes_accessed": float(ca.get("bytes accessed", 0.0))}
 
 
 def unrolled(cfg: Config, n_layers: int) -> Config:
@@ -152,9 +207,11 @@ def extrapolated_cost(cfg: Config, topo: Topology, devices) -> dict:
     """Step cost from 1- and 2-layer unrolled compiles: c(L) = c1 + (L-1)(c2-c1), x grad_accum.
 
     With grad_accum A the optimizer update is counted A times (an overestimate by its share)."""
-    c1, t1 = compile_train(unrolled(cfg, 1), topo, devices)
-    c2, t2 = compile_train(unrolled(cfg, 2), topo, devices)
-    a, b = cost(c1), cost(c2)
+    c1, t1, h1 = compile_train(unrolled(cfg, 1), topo, devices)
+    a = cost(c1, h1)
+    del c1  # one executable at a time: host memory
+    c2, t2, h2 = compile_train(unrolled(cfg, 2), topo, devices)
+    b = cost(c2, h2)
     L, A = cfg.model.n_layers, cfg.train.grad_accum
     per_layer = {k: b[k] - a[k] for k in ("flops", "optimal_seconds", "bytes_accessed")}
     out = {k: A * (a[k] + (L - 1) * per_layer[k]) for k in per_layer}
@@ -166,9 +223,8 @@ def extrapolated_cost(cfg: Config, topo: Topology, devices) -> dict:
 def estimate(cfg: Config, topo: Topology, devices, extrapolate: bool = True, keep: bool = False) -> dict:
     """Compile the step as configured, then report memory, FLOPs, step time, tokens/s and MFU.
 
+    A step the compiler refuses for lack of HBM is reported (fits False, what it said), not raised.
     `compiled` in the result (only with keep=True) is the executable, for --save."""
-    compiled, seconds = compile_train(cfg, topo, devices)
-    mem, raw = memory(compiled), cost(compiled)
     B, T, n = cfg.train.batch_size, cfg.data.seq_len, topo.n_devices
     report = {
         "topology": topo.name, "slices": topo.slices, "chips": n, "libtpu_topology": topo.libtpu_name,
@@ -176,25 +232,35 @@ def estimate(cfg: Config, topo: Topology, devices, extrapolate: bool = True, kee
         "grad_accum": cfg.train.grad_accum, "remat": cfg.model.remat, "scan_layers": cfg.model.scan_layers,
         "attention_impl": cfg.model.attention_impl, "compute_dtype": cfg.model.compute_dtype,
         "mesh": dict(target_mesh(cfg, topo, devices).shape), "rules": cfg.mesh.rules,
-        "memory": mem, "hbm_bytes": topo.hbm_bytes, "fits": mem["total"] <= topo.hbm_bytes,
-        "compile_seconds": seconds, "model_flops": flops_per_token(cfg.model, T) * B * T,
-        "compiler": {**raw, "flops_per_step": raw["flops"] * n},
+        "hbm_bytes": topo.hbm_bytes, "model_flops": flops_per_token(cfg.model, T) * B * T,
     }
+    try:
+        compiled, seconds, hlo = compile_train(cfg, topo, devices)
+    except CompilerOutOfMemory as e:
+        report.update(fits=False, memory=None, compile_seconds=e.seconds, compiler_error=e.message,
+                      compiler_used_bytes=e.used, compiler_capacity_bytes=e.capacity, step_seconds=None,
+                      tokens_per_s_per_chip=None, mfu=None)
+        return report
+    mem, raw = memory(compiled), cost(compiled, hlo)
+    report.update(memory=mem, fits=mem["total"] <= topo.hbm_bytes, compile_seconds=seconds,
+                  compiler={**raw, "flops_per_step": raw["flops"] * n})
+    if not keep:
+        compiled = None  # free the executable before the estimate compiles (host memory)
     looped = cfg.model.scan_layers or cfg.train.grad_accum > 1
     if looped and extrapolate:
         ext = extrapolated_cost(cfg, topo, devices)
         report["extrapolated"] = {**ext, "flops_per_step": ext["flops"] * n}
         step_seconds, source = ext["optimal_seconds"], "extrapolated from 1- and 2-layer unrolled compiles"
         loops = ext["while_loops"]
-    else:
-        step_seconds = raw["optimal_seconds"]
-        source = "compiler (full step)" if not looped else "compiler (one loop iteration only: an undercount)"
-        loops = raw["while_loops"] if not looped else 0
+    elif not looped:
+        step_seconds, source, loops = raw["optimal_seconds"], "compiler, full step unrolled", raw["while_loops"]
+    else:  # a scanned compile's figure covers one layer: no honest step time without the extra compiles
+        step_seconds, source, loops = None, "not estimated (--no-estimate: scanned layers count once)", 0
     report["step_seconds"], report["step_seconds_source"] = step_seconds, source
     report["compiler_loops_left"] = loops
-    report["tokens_per_s_per_chip"] = B * T / step_seconds / n if step_seconds > 0 else None
-    report["mfu"] = (report["model_flops"] / (step_seconds * n * topo.peak_flops)
-                     if step_seconds > 0 else None)
+    ok = step_seconds is not None and step_seconds > 0
+    report["tokens_per_s_per_chip"] = B * T / step_seconds / n if ok else None
+    report["mfu"] = report["model_flops"] / (step_seconds * n * topo.peak_flops) if ok else None
     if keep:
         report["compiled"] = compiled
     return report
@@ -206,18 +272,26 @@ def gib(x: float) -> str:
 
 def format_report(r: dict) -> str:
     """The human-readable report printed by compile.py."""
-    mem, cap = r["memory"], r["hbm_bytes"]
+    cap = r["hbm_bytes"]
     mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
     slices = f" x {r['slices']} slices" if r["slices"] > 1 else ""
-    lines = [f"target: {r['topology']}{slices} ({r['chips']} chips, {r['libtpu_topology']}, {r['device_kind']}), mesh {mesh}, rules {r['rules']}",
+    lines = [f"target: {r['topology']}{slices} ({r['chips']} chips, {r['libtpu_topology']}, {r['device_kind']}), "
+             f"mesh {mesh}, rules {r['rules']}",
              f"step: batch {r['batch_size']} x seq {r['seq_len']} ({r['per_device_batch']:g} rows per chip), "
              f"grad_accum {r['grad_accum']}, remat {r['remat']}, attention {r['attention_impl']}, "
-             f"compute {r['compute_dtype']}",
-             "HBM per chip: " + ", ".join(f"{k.replace('_', ' ')} {gib(mem[k])}" for k in
-                                          ("argument", "output", "alias", "temp", "generated_code")),
-             f"  total {gib(mem['total'])} of {gib(cap)}: " +
-             (f"fits ({gib(cap - mem['total'])} free)" if r["fits"] else
-              f"DOES NOT FIT (short by {gib(mem['total'] - cap)})")]
+             f"compute {r['compute_dtype']}"]
+    if r["memory"] is None:  # the compiler refused it
+        used = r.get("compiler_used_bytes")
+        short = f" (short by {gib(used - r['compiler_capacity_bytes'])})" if used else ""
+        lines += [f"HBM per chip: DOES NOT FIT{short}: the TPU compiler ran out of HBM: {r['compiler_error']}",
+                  f"model FLOPs per step: {r['model_flops']:.4g}", f"compile time: {r['compile_seconds']:.1f} s"]
+        return "\n".join(lines)
+    mem = r["memory"]
+    lines += ["HBM per chip: " + ", ".join(f"{k.replace('_', ' ')} {gib(mem[k])}" for k in
+                                           ("argument", "output", "alias", "temp", "generated_code")),
+              f"  total {gib(mem['total'])} of {gib(cap)}: " +
+              (f"fits ({gib(cap - mem['total'])} free)" if r["fits"] else
+               f"DOES NOT FIT (short by {gib(mem['total'] - cap)})")]
     c = r["compiler"]
     lines.append(f"model FLOPs per step: {r['model_flops']:.4g}")
     lines.append(f"compiler, full compile: {c['flops_per_step']:.4g} FLOPs per step, optimal_seconds "
@@ -233,10 +307,13 @@ def format_report(r: dict) -> str:
         lines.append(f"warning: the compiler added {r['compiler_loops_left']} while loops of its own; "
                      "their bodies count once, so the step time is an undercount")
     tps, mfu = r["tokens_per_s_per_chip"], r["mfu"]
-    lines.append(f"estimated step time: {r['step_seconds']:.4g} s ({r['step_seconds_source']}; a roofline "
-                 "bound, not a measurement)")
+    if r["step_seconds"] is None:
+        lines.append(f"estimated step time: n/a ({r['step_seconds_source']})")
+    else:
+        lines.append(f"estimated step time: {r['step_seconds']:.4g} s ({r['step_seconds_source']}; "
+                     "the compiler's roofline sum: an optimistic bound, not a measurement)")
     lines.append(f"estimated tokens/s per chip: {tps:,.0f}, MFU {100 * mfu:.1f}%" if tps else
-                 "estimated tokens/s per chip: n/a (no positive step time)")
+                 "estimated tokens/s per chip and MFU: n/a")
     ext = f" (+ {r['extrapolated']['compile_seconds']:.1f} s for the estimate compiles)" if "extrapolated" in r else ""
     lines.append(f"compile time: {r['compile_seconds']:.1f} s{ext}")
     return "\n".join(lines)

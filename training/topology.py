@@ -8,6 +8,7 @@ compile for a slice on a host without TPUs (see docs/compile.md).
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -116,6 +117,9 @@ def topology_devices(topo: Topology) -> list:
         from jax.experimental import topologies
     except ImportError as e:  # pragma: no cover - jax always ships it
         raise ConfigError(f"this jax has no jax.experimental.topologies: {e}") from None
+    # libtpu takes /tmp/libtpu_lockfile so that two processes never drive one TPU; compile-only
+    # devices drive nothing, and without this a second compile (or a pytest-xdist worker) fails.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kwargs = {"chip_config_name": "megacore"} if topo.generation == "v4" else {}
     if topo.slices > 1:
         kwargs["num_slices"] = topo.slices
