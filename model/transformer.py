@@ -78,7 +78,8 @@ def block(p: dict, x: jax.Array, positions, segment_ids, cfg: ModelConfig, rules
     attn = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                      q_positions=positions, kv_positions=positions, causal=True,
                      sliding_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap,
-                     impl=cfg.attention_impl)                                  # [B,T,N,H]
+                     impl=cfg.attention_impl, block_q=cfg.attn_block_q,
+                     block_kv=cfg.attn_block_kv)                               # [B,T,N,H]
     x = x + linear("BTNH,NHD->BTD", attn, p["wo"])
     x = x + mlp(p, rms_norm(x, p["mlp_norm"], cfg.norm_eps), rules)
     return constrain(x, ("batch", "seq", "act_embed"), rules)

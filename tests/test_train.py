@@ -239,3 +239,22 @@ def test_fine_tune_from_a_tessera_checkpoint_starts_from_its_weights(corpus, exi
     assert ref.returncode == 0
     rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert rows(tmp_path / "ft")[0]["val_loss"] == rows(tmp_path / "ref")[0]["val_loss"]
+
+
+def test_pallas_attention_trains_like_xla(corpus, tmp_path):
+    """A few steps with the flash kernel (Pallas interpret mode on CPU) match the XLA reference."""
+    from configs import load_config
+    from training.loop import Trainer
+    curves = {}
+    for impl in ("xla", "pallas"):
+        args = small(corpus, tmp_path / impl, "train.steps=3", "train.eval_every=0", "checkpoint.every=1000",
+                     f"model.attention_impl={impl}", "mesh.fsdp=2", "mesh.data=4", "model.remat=full")
+        trainer = Trainer(load_config(args[0], args[1:]))
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+        curves[impl] = losses(tmp_path / impl)
+    assert sorted(curves["xla"]) == [1, 2, 3]
+    np.testing.assert_allclose([curves["pallas"][s] for s in (1, 2, 3)], [curves["xla"][s] for s in (1, 2, 3)],
+                               rtol=1e-4)
