@@ -165,6 +165,19 @@ def last_step(run_dir: Path) -> int:
     return step
 
 
+def share_token_cache(spec: SweepSpec, run_dir: Path) -> None:
+    """Point the trial's RUN_DIR/data_cache at SWEEP_DIR/data_cache: the corpus is tokenized once.
+
+    The data package keys each cached stream by tokenizer hash and data fingerprint, and writes it
+    atomically (a concurrent writer loses the race harmlessly), so trials can share one cache.
+    """
+    link = run_dir / "data_cache"
+    if link.exists() or link.is_symlink():
+        return  # a trial started before: keep whatever it has
+    (spec.sweep_dir / "data_cache").mkdir(parents=True, exist_ok=True)
+    link.symlink_to(Path("..") / "data_cache")  # relative: the sweep directory can be moved
+
+
 class _Stop:
     """SIGTERM/SIGINT on the sweep: remember it; the loop stops its trials gracefully."""
 
@@ -218,11 +231,12 @@ def run_sweep(spec: SweepSpec, retry_failed: bool = False, extra: tuple[str, ...
     stop = _Stop()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
-        while queue or running:
+        while running or (queue and stop.signum is None):
             while queue and len(running) < spec.parallel and stop.signum is None:
                 trial = queue.popleft()
                 rec, run_dir = state[trial.id], trial_dir(spec, trial)
                 run_dir.mkdir(parents=True, exist_ok=True)
+                share_token_cache(spec, run_dir)
                 cmd = trial_command(spec, trial, extra=extra)
                 logf = open(run_dir / "train.log", "a")
                 logf.write(f"$ {shlex.join(cmd)}\n")

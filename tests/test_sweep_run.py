@@ -133,6 +133,8 @@ def test_sweep_completes_with_tables_and_plots(killed_and_resumed):
     assert len(list((out / "tensorboard").rglob("events.out.tfevents.*"))) >= 4
     assert (out / "tokenizer" / "tokenizer.model").is_file()  # trained once, shared by all trials
     assert "data.tokenizer=" in (out / "t000" / "train.log").read_text().splitlines()[0]
+    assert all((out / t / "data_cache").is_symlink() for t in after)  # the corpus tokenized once
+    assert len([p for p in (out / "data_cache").iterdir() if p.name.startswith("train-")]) == 1
 
 
 def test_a_failing_trial_is_recorded_and_the_others_finish(tmp_path, corpus):
@@ -148,3 +150,18 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(tmp_path, corpus):
     assert rows["t001"]["status"] == "finished" and float(rows["t001"]["val_bpb"]) > 0
     md = (tmp_path / "out" / "results.md").read_text()
     assert md.index("| 1 | t001") < md.index("t000 |")  # failed trials rank last
+
+
+def test_sigterm_stops_the_sweep_and_marks_trials_resumable(tmp_path, corpus):
+    path = sweep_file(tmp_path, corpus, "  train.lr: {grid: [1.0e-3, 3.0e-3]}", 1)
+    proc = subprocess.Popen(sweep_cmd(path), stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+    deadline = time.time() + 120
+    while state(tmp_path / "out").get("t000", {}).get("status") != "running":
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    trials = state(tmp_path / "out")
+    assert trials["t000"]["status"] == "interrupted" and trials["t001"]["status"] == "pending"
+    assert "SIGTERM: stopped; rerun the same command to resume" in err
