@@ -48,22 +48,18 @@ def fail(msg: str) -> None:
 
 
 def warmup(engine, log) -> None:
-    """Compile every prefill bucket and the decode step before taking traffic."""
-    from serving.sampling import SamplingParams
+    """Compile every prefill bucket and decode size before taking traffic."""
     t0 = time.perf_counter()
-    for b in engine.buckets:
-        n = max(1, min(b, engine.max_len - 2))
-        if engine.check(n, 2):  # a bucket the cache cannot hold is never used
-            continue
-        engine.generate([1] * n, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
-    log.info("compiled %d prefill buckets and the decode step in %.1fs", len(engine.buckets),
-             time.perf_counter() - t0)
+    engine.warmup()
+    log.info("compiled %d prefill buckets and %d decode sizes in %.1fs", len(engine.buckets),
+             len(engine.decode_sizes), time.perf_counter() - t0)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     log = logging.getLogger("tessera.serve")
+    log.setLevel(logging.INFO)  # our progress lines, without orbax/absl chatter
     overrides = list(args.overrides)
     if args.kv_dtype:
         overrides.append(f"serve.kv_dtype={args.kv_dtype}")
@@ -97,12 +93,13 @@ def main(argv=None) -> int:
     from serving.engine import Engine
     # Params and cache carry their NamedShardings; jit propagates them (no mesh context needed,
     # which would be thread-local and invisible to the engine thread anyway).
-    engine = Engine(cfg, params, tok, mesh=mesh).start()
+    engine = Engine(cfg, params, tok, mesh=mesh)
+    if args.prompt is None and not args.no_warmup:
+        warmup(engine, log)
+    engine.start()
     try:
         if args.prompt is not None:
             return cli_completion(engine, tok, args)
-        if not args.no_warmup:
-            warmup(engine, log)
         from serving.http import create_app, serve_forever
         name = args.model_name or Path(args.checkpoint.rstrip("/")).name
         host, port = args.host or cfg.serve.host, args.port or cfg.serve.port

@@ -82,14 +82,14 @@ def start_server(args):
     """Load a checkpoint and serve it on a free 127.0.0.1 port in this process."""
     import uvicorn
 
-    import serve
     from serving.engine import Engine
     from serving.http import create_app
     from serving.load import load_for_serving
     overrides = list(args.overrides) + ([f"serve.kv_dtype={args.kv_dtype}"] if args.kv_dtype else [])
     cfg, mesh, params, tok = load_for_serving(args.checkpoint, overrides, int8=True if args.int8 else None)
-    engine = Engine(cfg, params, tok, mesh=mesh).start()
-    serve.warmup(engine, __import__("logging").getLogger("bench"))
+    engine = Engine(cfg, params, tok, mesh=mesh)
+    engine.warmup()
+    engine.start()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -17,21 +17,13 @@ import jax
 import jax.numpy as jnp
 
 from configs import Config, ModelConfig
-from model.attention import attention
+from model.attention import attention, paged_attention
 from model.kernels.reference import default_positions
 from model.layers import compute_dtype, linear, rms_norm, rope_frequencies
 from model.quant import take_rows
 from model.transformer import mlp, project_qkv
 from serving.kv_cache import KVCache, slot_indices, write_layer
 from serving.sampling import sample, top_logprobs
-
-try:  # the model's dispatcher (picks a Pallas kernel on TPU) once it exists
-    from model.attention import paged_attention
-except ImportError:  # pure-jnp reference: same contract
-    from model.kernels.paged_reference import paged_attention_reference as _ref
-
-    def paged_attention(q, k_pages, v_pages, page_table, lengths, *, impl="auto", **kw):
-        return _ref(q, k_pages, v_pages, page_table, lengths, **kw)
 
 
 def output_logits(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:

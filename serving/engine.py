@@ -106,6 +106,9 @@ class Engine:
         self.cache = init_cache(cfg, mesh)
         self._prefill, self._decode = compile_fns(cfg)
         self.slots: list[Request | None] = [None] * s.max_batch
+        # decode runs the smallest power-of-two prefix of slots holding every active one (new
+        # requests take the lowest free slot): a lone request does not pay for max_batch rows
+        self.decode_sizes = sorted({min(2 ** i, s.max_batch) for i in range(s.max_batch.bit_length() + 1)})
         self.queue: collections.deque[Request] = collections.deque()
         self.cv = threading.Condition()
         self.thread: threading.Thread | None = None
@@ -162,6 +165,23 @@ class Engine:
         if not done.wait(timeout):
             raise TimeoutError("generation did not finish in time")
         return out
+
+    def warmup(self) -> None:
+        """Compile every prefill bucket and decode size (call before start()): all writes go to
+        the reserved page 0, so the cache's real pages are untouched."""
+        one = lambda v, dt: np.full((1,), v, dt)
+        for b in self.buckets:
+            self.cache, out, _ = self._prefill(
+                self.params, self.cache, np.ones((1, b), np.int32), np.int32(b),
+                np.zeros((1, self.alloc.max_pages_per_seq), np.int32), one(0, np.float32),
+                one(0, np.int32), one(1, np.float32), np.zeros((1, 2), np.uint32))
+            jax.block_until_ready(out)
+        for n in self.decode_sizes:
+            z = lambda dt: np.zeros(n, dt)
+            self.cache, out = self._decode(
+                self.params, self.cache, z(np.int32), np.full(n, -1, np.int32), self.alloc.page_table[:n],
+                z(np.float32), z(np.int32), np.ones(n, np.float32), np.zeros((n, 2), np.uint32), z(np.int32))
+            jax.block_until_ready(out)
 
     def start(self) -> "Engine":
         self.thread = threading.Thread(target=self._loop, name="tessera-engine", daemon=True)
@@ -249,22 +269,23 @@ class Engine:
         self._emit(slot, int(tok[0]), float(lp[0]), top_ids[0], top_lp[0], prompt_lp)
 
     def _step(self) -> None:
-        B = len(self.slots)
+        top = max(i for i, r in enumerate(self.slots) if r is not None) + 1
+        B = next(n for n in self.decode_sizes if n >= top)
         tokens, positions = np.zeros(B, np.int32), np.full(B, -1, np.int32)
         temp, top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
         top_k, steps = np.zeros(B, np.int32), np.zeros(B, np.int32)
         keys = np.zeros((B, 2), np.uint32)
-        for i, r in enumerate(self.slots):
+        for i, r in enumerate(self.slots[:B]):
             if r is None:
                 continue
             tokens[i] = r.generated[-1]
             positions[i] = len(r.prompt_ids) + len(r.generated) - 1
             temp[i], top_p[i], top_k[i] = r.params.temperature, r.params.top_p, r.params.top_k
             keys[i], steps[i] = seed_key(r.seed), len(r.generated)
-        self.cache, out = self._decode(self.params, self.cache, tokens, positions, self.alloc.page_table,
+        self.cache, out = self._decode(self.params, self.cache, tokens, positions, self.alloc.page_table[:B],
                                        temp, top_k, top_p, keys, steps)
         tok, lp, top_ids, top_lp = jax.device_get(out)
-        for i, r in enumerate(self.slots):
+        for i, r in enumerate(self.slots[:B]):
             if r is not None:
                 self._emit(i, int(tok[i]), float(lp[i]), top_ids[i], top_lp[i])
 
