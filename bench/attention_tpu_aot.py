@@ -57,7 +57,7 @@ def _compile(fn, args):
 
 
 def run_topology(topology: str, seqs, kv_heads, blocks_list):
-    """Rows (dicts) for one topology."""
+    """Rows (dicts) for one topology, yielded as each compile finishes."""
     from jax.experimental import topologies
     dev = topologies.get_topology_desc(topology, "tpu").devices[0]
     gen = blocking.tpu_generation(dev.device_kind)
@@ -65,7 +65,6 @@ def run_topology(topology: str, seqs, kv_heads, blocks_list):
 
     def spec(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=shard)
-    rows = []
     for S in seqs:
         for K in kv_heads:
             for bq, bk in blocks_list:
@@ -80,9 +79,9 @@ def run_topology(topology: str, seqs, kv_heads, blocks_list):
                         spec((1, S, K, H), jnp.bfloat16)]
                 for name, fn, kind in (("flash fwd", fwd, "fwd"), ("flash fwd+bwd", grad, "bwd")):
                     fits, secs, temp = _compile(fn, args)
-                    rows.append(dict(topology=topology, gen=gen, kernel=name, seq=S, K=K,
-                                     blocks=f"{bq_}x{bk_}", fits=fits, secs=secs, temp=temp,
-                                     vmem=vmem_estimate(kind, bq_, bk_)))
+                    yield dict(topology=topology, gen=gen, kernel=name, seq=S, K=K,
+                               blocks=f"{bq_}x{bk_}", fits=fits, secs=secs, temp=temp,
+                               vmem=vmem_estimate(kind, bq_, bk_))
         for K in kv_heads:
             pages = DECODE_B * S // PAGE
             for kv in ("bfloat16", "int8"):
@@ -98,10 +97,9 @@ def run_topology(topology: str, seqs, kv_heads, blocks_list):
                                                k_scales=sc[0] if sc else None,
                                                v_scales=sc[1] if sc else None)
                 fits, secs, temp = _compile(dec, args)
-                rows.append(dict(topology=topology, gen=gen, kernel=f"paged decode {kv}", seq=S,
-                                 K=K, blocks=f"{max(1, 256 // PAGE)} pages", fits=fits,
-                                 secs=secs, temp=temp, vmem=None))
-    return rows
+                yield dict(topology=topology, gen=gen, kernel=f"paged decode {kv}", seq=S,
+                           K=K, blocks=f"{max(1, 256 // PAGE)} pages", fits=fits,
+                           secs=secs, temp=temp, vmem=None)
 
 
 def main(argv=None) -> int:
