@@ -155,3 +155,12 @@ def test_llama2_7b_fits_v5p_8(capsys):
     assert compile_cli.main(argv) == 0
     text = capsys.readouterr().out
     assert "of 95.00 GiB: fits" in text, text
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_tiny_serving_steps_compile_for_v5e_4(capsys):
+    assert compile_cli.main(["tiny", "--topology", "v5e-4", "--serve"]) == 0
+    text = capsys.readouterr().out
+    assert "prefill (512 tokens): HBM per chip" in text and "decode (8 tokens per step): HBM per chip" in text
+    assert text.count(": fits") == 2, text
