@@ -46,7 +46,7 @@ async def one(client: httpx.AsyncClient, url: str, model: str, i: int, args, sta
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     raise RuntimeError(chunk["error"]["message"])
-                if not chunk["choices"][0]["text"]:
+                if not chunk["choices"]:  # the usage chunk
                     continue
                 now = time.perf_counter()
                 if last is None:
@@ -129,6 +129,7 @@ def main():
           f"TTFT p50 {pct(s['ttft'], 50) * 1e3:.0f} ms p99 {pct(s['ttft'], 99) * 1e3:.0f} ms | "
           f"ITL p50 {pct(s['itl'], 50) * 1e3:.1f} ms p99 {pct(s['itl'], 99) * 1e3:.1f} ms | "
           f"errors {len(s['errors'])}")
+    print("TTFT deciles (ms):", [round(pct(s["ttft"], q) * 1e3) for q in range(0, 101, 10)])
     for e in s["errors"][:5]:
         print("  error:", e)
     return 1 if s["errors"] else 0

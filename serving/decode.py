@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import Config, ModelConfig
 from model.attention import attention, paged_attention
@@ -22,7 +23,7 @@ from model.kernels.reference import default_positions
 from model.layers import compute_dtype, linear, rms_norm, rope_frequencies
 from model.quant import take_rows
 from model.transformer import mlp, project_qkv
-from serving.kv_cache import KVCache, slot_indices, write_layer
+from serving.kv_cache import KVCache, cache_shardings, slot_indices, write_layer
 from serving.sampling import sample, top_logprobs
 
 
@@ -134,8 +135,15 @@ def full_forward(params: dict, tokens, *, cfg: Config):
     return output_logits(params, rms_norm(x, params["final_norm"], m.norm_eps), m)
 
 
-def compile_fns(cfg: Config):
-    """(prefill, decode) jitted with the cache donated; cfg and echo are static."""
-    pre = jax.jit(functools.partial(prefill, cfg=cfg), static_argnames=("echo",), donate_argnums=(1,))
-    dec = jax.jit(functools.partial(decode_step, cfg=cfg), donate_argnums=(1,))
+def compile_fns(cfg: Config, mesh):
+    """(prefill, decode) jitted with the cache donated; cfg and echo are static.
+
+    Output shardings are pinned (cache as laid out by init_cache, the rest replicated) so every
+    call sees the same input shardings as the one before it: no silent recompiles mid-serving.
+    """
+    rep = NamedSharding(mesh, PartitionSpec())
+    cache_sh = cache_shardings(cfg, mesh, cfg.serve.kv_dtype)
+    pre = jax.jit(functools.partial(prefill, cfg=cfg), static_argnames=("echo",), donate_argnums=(1,),
+                  out_shardings=(cache_sh, rep, rep))
+    dec = jax.jit(functools.partial(decode_step, cfg=cfg), donate_argnums=(1,), out_shardings=(cache_sh, rep))
     return pre, dec

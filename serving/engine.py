@@ -75,9 +75,11 @@ def _holdback(text: str, stops: tuple[str, ...]) -> int:
             if text.endswith(s[:k]):
                 n = max(n, k)
                 break
-    while n < len(text) and text[len(text) - 1 - n] == "\ufffd":
-        n += 1
-    return n
+    # an incomplete UTF-8 character decodes to up to 3 trailing U+FFFD; hold those back only
+    bad = 0
+    while bad < 3 and bad < len(text) and text[len(text) - 1 - bad] == "\ufffd":
+        bad += 1
+    return max(n, bad)
 
 
 def _send(req: Request, event: Event) -> None:
@@ -100,11 +102,14 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.alloc = PageAllocator(s.num_pages, s.page_size, s.max_batch, self.max_len)
         self.metrics.pages_total.set(self.alloc.capacity)
+        if mesh is None:  # one device, still a mesh: every array has a NamedSharding
+            from serving.load import serving_mesh
+            mesh = serving_mesh(1)
         self.mesh = mesh
         # every end-of-turn id of the tokenizer (HF chat models have several), else its eos
         self.eos_ids = set(getattr(tokenizer, "eos_ids", None) or [tokenizer.eos_id])
         self.cache = init_cache(cfg, mesh)
-        self._prefill, self._decode = compile_fns(cfg)
+        self._prefill, self._decode = compile_fns(cfg, mesh)
         self.slots: list[Request | None] = [None] * s.max_batch
         # decode runs the smallest power-of-two prefix of slots holding every active one (new
         # requests take the lowest free slot): a lone request does not pay for max_batch rows
@@ -174,7 +179,7 @@ class Engine:
             self.cache, out, _ = self._prefill(
                 self.params, self.cache, np.ones((1, b), np.int32), np.int32(b),
                 np.zeros((1, self.alloc.max_pages_per_seq), np.int32), one(0, np.float32),
-                one(0, np.int32), one(1, np.float32), np.zeros((1, 2), np.uint32))
+                one(0, np.int32), one(1, np.float32), np.zeros((1, 2), np.uint32), echo=False)
             jax.block_until_ready(out)
         for n in self.decode_sizes:
             z = lambda dt: np.zeros(n, dt)
