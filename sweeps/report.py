@@ -168,6 +168,8 @@ def write_plots(spec: SweepSpec, rows: list[dict]) -> list[Path]:
         get = (lambda r: r["params"]) if key == "params" else (lambda r, k=key: r["values"][k])
         linked = next((a.keys for a in spec.axes if key in a.keys), (key,))
         others = [k for k in keys if k not in linked]  # group lines by the other axes' values
+        if key == "params":  # model.* keys set the parameter count: one line across them
+            others = [k for k in keys if not k.startswith("model.")]
         groups: dict[tuple, list] = {}
         for r in done:
             groups.setdefault(tuple(format_value(r["values"][k]) for k in others), []).append(r)
