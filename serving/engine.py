@@ -174,6 +174,10 @@ class Engine:
     def warmup(self) -> None:
         """Compile every prefill bucket and decode size (call before start()): all writes go to
         the reserved page 0, so the cache's real pages are untouched."""
+        with jax.set_mesh(self.mesh):
+            self._warmup()
+
+    def _warmup(self) -> None:
         one = lambda v, dt: np.full((1,), v, dt)
         for b in self.buckets:
             self.cache, out, _ = self._prefill(
@@ -202,6 +206,12 @@ class Engine:
 
     # ---- engine thread ----
     def _loop(self) -> None:
+        # the mesh in context (thread-local, so set here) lets activation constraints and the
+        # Pallas kernels' shard_map wrappers see it
+        with jax.set_mesh(self.mesh):
+            self._run()
+
+    def _run(self) -> None:
         while not self.stopping:
             try:
                 self._retire_cancelled()
