@@ -138,14 +138,24 @@ def hlo_stats(text: str) -> dict:
             "while_loops": len(re.findall(r"\swhile\(", text))}
 
 
-def compile_lowered(lowered, t0: float):
+# For the estimate compiles only: XLA's TPU SPMD partitioner turns large FSDP matmuls into
+# "windowed einsum" while loops (all-gather / reduce-scatter overlapped with the matmul in chunks;
+# seen for fsdp=8 on v6e, 16 loops in one layer), whose bodies the cost analysis counts once.
+# Without them each matmul is one all-gather (or reduce-scatter) plus one dot, the same FLOPs and
+# bytes, all counted. (xla_tpu_spmd_unroll_windowed_einsum does not remove the loops.) Memory
+# and --save come from the full compile, with the compiler's defaults, as it will run.
+ESTIMATE_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+
+
+def compile_lowered(lowered, t0: float, options: dict | None = None):
     """Compile -> (executable, seconds, hlo_stats); an HBM overflow raises CompilerOutOfMemory.
 
     The optimized HLO is read from an XLA dump: `Compiled.as_text()` re-parses the module and
     fails on some TPU programs (seen on a 7B v5p step: "async-update instruction should have 1
     operands"), while the compiler's own text dump always works."""
     with tempfile.TemporaryDirectory(prefix="tessera-aot-") as dump:
-        options = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True}
+        options = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True, **(options or {})}
         try:
             compiled = lowered.compile(compiler_options=options)
         except Exception as e:
@@ -161,7 +171,7 @@ def compile_lowered(lowered, t0: float):
     return compiled, seconds, stats
 
 
-def compile_train(cfg: Config, topo: Topology, devices):
+def compile_train(cfg: Config, topo: Topology, devices, options: dict | None = None):
     """Lower and compile the jitted train step for the topology: (Compiled, seconds, hlo_stats)."""
     mesh = target_mesh(cfg, topo, devices)
     check_batch(cfg, mesh)
@@ -170,7 +180,7 @@ def compile_train(cfg: Config, topo: Topology, devices):
     step = jit_train_step(cfg, graphdef, optimizer, schedule, mesh, shardings)
     with _attention_target(cfg, devices):
         lowered = step.lower(state, batch)
-    return compile_lowered(lowered, t0)
+    return compile_lowered(lowered, t0, options)
 
 
 def memory(compiled) -> dict:
@@ -207,10 +217,10 @@ def extrapolated_cost(cfg: Config, topo: Topology, devices) -> dict:
     """Step cost from 1- and 2-layer unrolled compiles: c(L) = c1 + (L-1)(c2-c1), x grad_accum.
 
     With grad_accum A the optimizer update is counted A times (an overestimate by its share)."""
-    c1, t1, h1 = compile_train(unrolled(cfg, 1), topo, devices)
+    c1, t1, h1 = compile_train(unrolled(cfg, 1), topo, devices, ESTIMATE_OPTIONS)
     a = cost(c1, h1)
     del c1  # one executable at a time: host memory
-    c2, t2, h2 = compile_train(unrolled(cfg, 2), topo, devices)
+    c2, t2, h2 = compile_train(unrolled(cfg, 2), topo, devices, ESTIMATE_OPTIONS)
     b = cost(c2, h2)
     L, A = cfg.model.n_layers, cfg.train.grad_accum
     per_layer = {k: b[k] - a[k] for k in ("flops", "optimal_seconds", "bytes_accessed")}
