@@ -23,7 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("checkpoint", help="Tessera run directory, int8 checkpoint or Hugging Face directory")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     p.add_argument("--int8", action="store_true", help="quantize weights to int8 at load")
-    p.add_argument("--no-int8-embedding", action="store_true", help="keep the embedding in float")
+    p.add_argument("--no-int8-embedding", action="store_true",
+                   help="keep the embedding and output head in float (faster on CPU for big vocabularies)")
     p.add_argument("--kv-dtype", choices=("bfloat16", "int8", "float32"), help="KV cache dtype")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel devices (serve_tp rules)")
     p.add_argument("--host", help="bind address (default serve.host, 127.0.0.1)")

@@ -142,6 +142,9 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kv-dtype", default="float32")
+    ap.add_argument("--float-embedding", action="store_true",
+                    help="keep the embedding (and a tied output head) in float: XLA's CPU int8 dot is "
+                         "slow for one token against a [D,V] matrix")
     ap.add_argument("--torch-threads", type=int, default=0, help="0: the faster of 1 and all cores")
     args = ap.parse_args()
     import torch
@@ -157,7 +160,7 @@ def main():
     _, state = create_sharded_model(cfg, mesh)
     params = nnx.to_pure_dict(state)
     variants = {"bf16": jax.tree.map(lambda a: a.astype(jnp.bfloat16), params),
-                "int8": jax.jit(quantize_params)(params)}
+                "int8": jax.jit(lambda p: quantize_params(p, embedding=not args.float_embedding))(params)}
     engines = {k: Engine(cfg, p, NoTokenizer()) for k, p in variants.items()}
     for eng in engines.values():
         eng.warmup()

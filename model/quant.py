@@ -11,6 +11,9 @@ slicing a stacked [L, ...] QArray under `lax.scan` slices both leaves consistent
   * act_quant=False: the int8 weight is converted to the activation dtype inside the matmul.
 Measured on these 2-core CPUs (x[B,1024] @ w[1024,4096], XLA): fp32 0.47 ms / 2.6 ms at
 B=1 / 16, int8-dequant 2.2 / 4.4 ms, int8 x int8 -> int32 1.2 / 0.96 ms; so W8A8 is the default.
+Caveat measured later: for one token against a large [768, 50304] output head, XLA's CPU int8 dot
+(either mode) takes ~100 ms against 7 ms in fp32, so on CPU keep a big vocab head in float
+(`quantize_params(..., embedding=False)`, `serve.py --no-int8-embedding` for tied heads).
 """
 from __future__ import annotations
 
@@ -107,8 +110,13 @@ CONTRACT_AXES = {
 }
 
 
+VOCAB_WEIGHTS = ("embedding", "lm_head")  # kept in float when quantize_params(embedding=False)
+
+
 def quantize_params(params: dict, embedding: bool = True, act_quant: bool = True) -> dict:
     """Pure-dict Transformer params -> same tree with every linear weight a QArray.
+
+    embedding=False keeps the vocabulary-sized weights (embedding, output head) in float.
 
     Norms and biases stay in floating point. Run under jit: values keep the input sharding and
     scales keep it on their output axes, so a tensor-parallel model quantizes in place.
@@ -118,7 +126,7 @@ def quantize_params(params: dict, embedding: bool = True, act_quant: bool = True
         for name, leaf in tree.items():
             if isinstance(leaf, dict):
                 out[name] = visit(leaf)
-            elif name in CONTRACT_AXES and (embedding or name != "embedding"):
+            elif name in CONTRACT_AXES and (embedding or name not in VOCAB_WEIGHTS):
                 out[name] = quantize(leaf, CONTRACT_AXES[name], act_quant)
             else:
                 out[name] = leaf

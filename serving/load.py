@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from configs import Config, ConfigError
-from model.quant import CONTRACT_AXES, from_storable, quantize_params, to_storable
+from model.quant import CONTRACT_AXES, VOCAB_WEIGHTS, from_storable, quantize_params, to_storable
 from sharding.mesh import AXES
 from training.checkpoint import (Checkpointer, abstract_pure, load_params, read_config,
                                  write_config)
@@ -85,7 +85,7 @@ def _abstract_int8(cfg: Config, mesh: Mesh, embedding: bool) -> dict:
         for name, x in tree.items():
             if isinstance(x, dict):
                 out[name] = visit(x)
-            elif name in CONTRACT_AXES and (embedding or name != "embedding"):
+            elif name in CONTRACT_AXES and (embedding or name not in VOCAB_WEIGHTS):
                 ax = CONTRACT_AXES[name]
                 sshape = tuple(1 if i in ax else d for i, d in enumerate(x.shape))
                 ssh = NamedSharding(mesh, _scale_spec(x.sharding.spec, x.ndim, ax))
