@@ -19,6 +19,7 @@ from serving.openai import (APIError, Formatter, chat_prompt, completion_prompt,
                             sampling_params)
 
 POLL_S = 0.5  # how often an idle waiter checks whether its client is still there
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
@@ -28,8 +29,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
 
     @app.middleware("http")
     async def count_and_auth(request: HTTPRequest, call_next):
-        endpoint = request.url.path
-        if api_key and endpoint.startswith("/v1/"):
+        # label only known routes: arbitrary paths must not grow the metric's cardinality
+        endpoint = request.url.path if request.url.path in ROUTES else "other"
+        if api_key and request.url.path.startswith("/v1/"):
             got = request.headers.get("authorization", "")
             if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
                 err = APIError(401, "invalid or missing API key (expected 'Authorization: Bearer ...')",
