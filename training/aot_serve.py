@@ -84,8 +84,8 @@ def compile_serve(cfg: Config, topo: Topology, devices) -> dict:
     fns = compile_fns(cfg, mesh) if takes_mesh else compile_fns(cfg)
     for name, fn in zip(("prefill", "decode"), fns):
         t0 = time.perf_counter()
-        # The mesh in context lets the Pallas kernels' shard_map wrappers see it (a Mosaic kernel
-        # cannot be partitioned automatically); serving.engine does not set one yet (docs/compile.md).
+        # The mesh in context, as serving.engine runs the steps: the Pallas kernels' shard_map
+        # wrappers need it (a Mosaic kernel cannot be partitioned automatically).
         with aot._attention_target(cfg, devices), jax.set_mesh(mesh):
             lowered = fn.lower(*args[name])
         try:
