@@ -47,7 +47,7 @@ def test_presets_inherit_and_override():
     (["model.d_model=abc"], "config key 'model.d_model' expects int, got 'abc'"),
     (["model.tie_embeddings=maybe"], "config key 'model.tie_embeddings' expects bool"),
     (["mesh.rules=zero"], "config key 'mesh.rules' must be one of fsdp, fsdp_tp, serve_tp"),
-    (["model.n_kv_heads=3"], "model.n_heads (8) must be a multiple of model.n_kv_heads (3)"),
+    (["model.n_kv_heads=3"], "model.n_heads (4) must be a multiple of model.n_kv_heads (3)"),
     (["data.seq_len=4096"], "data.seq_len (4096) exceeds model.max_seq_len (512)"),
     (["train"], "override 'train' must look like section.key=value"),
 ])
@@ -81,7 +81,7 @@ def test_dry_run_70b_prints_exact_count():
 @pytest.mark.parametrize("args,message", [
     (["tiny", "model.d_modle=5"], "error: unknown config key 'model.d_modle' (did you mean 'model.d_model'?)"),
     (["tiny", "mesh.fsdp=4"], "error: mesh {'data': 1, 'fsdp': 4, 'tensor': 1} has 4 devices but 8 are available"),
-    (["tiny", "mesh.tensor=8", "mesh.rules=fsdp_tp"], "error: model.n_kv_heads (4) is not divisible by the tensor axis (8)"),
+    (["tiny", "mesh.tensor=8", "mesh.rules=fsdp_tp"], "error: model.n_heads (4) is not divisible by the tensor axis (8)"),
     (["tiny", "mesh.tensor=16", "mesh.fsdp=1", "mesh.rules=fsdp_tp", "model.n_heads=16", "model.n_kv_heads=12"],
      "error: model.n_heads (16) must be a multiple of model.n_kv_heads (12)"),
     (["missing.yaml"], "error: config file not found: missing.yaml"),

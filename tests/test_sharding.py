@@ -63,11 +63,11 @@ def test_fsdp_tp_layout_of_a_weight():
     wq = state["layers"]["wq"][...]  # [L,D,N,H]
     assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
     shard = wq.addressable_shards[0].data
-    assert shard.shape == (2, 256 // 2, 8 // 2, 32)
+    assert shard.shape == (2, 128 // 2, 4 // 2, 32)
 
 
 def test_params_created_sharded_without_full_copy():
     cfg = load_config("tiny", BASE + ["mesh.fsdp=8"])
     _, state = create_sharded_model(cfg, make_mesh(cfg))
     emb = state["embedding"][...]
-    assert all(s.data.shape == (512, 256 // 8) for s in emb.addressable_shards)
+    assert all(s.data.shape == (512, 128 // 8) for s in emb.addressable_shards)
