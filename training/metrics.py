@@ -16,6 +16,7 @@ import jax
 # Peak dense bf16 FLOP/s per chip, matched against jax's device_kind (lower-cased substrings).
 PEAK_FLOPS = (
     ("v6 lite", 918e12), ("v6e", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12),
+    ("tpu v5", 459e12),  # v5p reports its kind as plain "TPU v5"; the lite entries come first
     ("v4", 275e12), ("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l4", 121e12),
 )
 
