@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from flax import nnx
 
 import data
 from configs import Config, ConfigError, to_dict
@@ -134,7 +135,6 @@ class Trainer:
         if cfg.train.init_from:
             from interop.load import load_checkpoint
             _, _, params, _ = load_checkpoint(cfg.train.init_from, self.mesh, cfg.mesh.rules)
-            from flax import nnx
             return init_train_state(cfg, self.mesh, self.optimizer, self.shardings,
                                     nnx.to_pure_dict(params)), 0
         return init_train_state(cfg, self.mesh, self.optimizer, self.shardings), 0
