@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from model.kernels import sharded
 from model.kernels.blocking import default_blocks
 from model.kernels.paged_reference import paged_attention_reference
-from model.kernels.reference import attention_mask, attention_reference, default_positions
+from model.kernels.reference import (attention_mask, attention_reference, default_positions,
+                                     fill_masking_defaults)
 
 IMPLS = ("auto", "xla", "pallas", "cudnn")
 
@@ -119,15 +120,8 @@ def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_positions=N
             raise ValueError("attention_impl=cudnn has no logit soft cap; use pallas or xla")
         kwargs.pop("logit_softcap")
         return _cudnn(q, k, v, **kwargs)
-    B, T = q.shape[:2]
-    S = k.shape[1]
-    if q_positions is None:
-        q_positions = default_positions(B, T, S - T)
-    if kv_positions is None:
-        kv_positions = default_positions(B, S)
-    if q_segment_ids is None:
-        q_segment_ids = jnp.zeros((B, T), jnp.int32)
-        kv_segment_ids = jnp.zeros((B, S), jnp.int32)
+    q_positions, kv_positions, q_segment_ids, kv_segment_ids = fill_masking_defaults(
+        q.shape[0], q.shape[1], k.shape[1], q_positions, kv_positions, q_segment_ids, kv_segment_ids)
     kernel = _pallas_kernel(causal, sliding_window, logit_softcap, block_q, block_kv)
     return sharded.sharded_attention(kernel, q, k, v, q_positions, q_segment_ids, kv_positions,
                                      kv_segment_ids, mesh=mesh)

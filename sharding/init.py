@@ -29,12 +29,10 @@ def create_sharded_model(cfg: Config, mesh: Mesh, rules: str | None = None, seed
     seed = cfg.train.seed if seed is None else seed
     graphdef, _, shardings = param_shardings(cfg, mesh, rules)
 
-    @jax.jit
     def init():
         return nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(seed), rules=rules))[1]
 
-    init = jax.jit(init.__wrapped__, out_shardings=shardings)
-    return graphdef, init()
+    return graphdef, jax.jit(init, out_shardings=shardings)()
 
 
 def count_params(state) -> int:

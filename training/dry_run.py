@@ -12,9 +12,8 @@ from sharding.mesh import AXES, check_divisibility, mesh_shape
 from sharding.rules import RULES, state_specs
 
 
-def per_device_param_bytes(cfg: Config, shape: dict[str, int]) -> int:
-    """Bytes of parameters held by one device under the config's rules and mesh shape."""
-    state = nnx.state(abstract_model(cfg))
+def per_device_param_bytes(cfg: Config, state, shape: dict[str, int]) -> int:
+    """Bytes of the (abstract) parameter `state` held by one device under the rules and mesh shape."""
     specs = jax.tree.leaves(state_specs(state, RULES[cfg.mesh.rules]),
                             is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     total = 0
@@ -32,9 +31,10 @@ def describe(cfg: Config, n_devices: int) -> str:
     """The resolved config, exact parameter count, mesh, bytes per device and FLOPs per token."""
     shape = mesh_shape(cfg.mesh, n_devices)
     check_divisibility(cfg, shape)
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(abstract_model(cfg))))
+    state = nnx.state(abstract_model(cfg))
+    n_params = sum(x.size for x in jax.tree.leaves(state))
     assert n_params == param_count(cfg.model), "model.stats.param_count disagrees with the model"
-    per_dev = per_device_param_bytes(cfg, shape)
+    per_dev = per_device_param_bytes(cfg, state, shape)
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     lines = [
         "# resolved config",

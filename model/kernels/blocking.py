@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from model.kernels.reference import default_positions
+from model.kernels.reference import fill_masking_defaults
 
 # Segment ids given to padded rows: never equal to each other or to a real segment id.
 Q_PAD_SEGMENT = -(2 ** 31)
@@ -91,13 +91,8 @@ def masking_inputs(B, T, S, q_positions, kv_positions, q_segment_ids, kv_segment
     Returns int32 (q_pos [B,Tp], q_seg [B,Tp], kv_pos [B,Sp], kv_seg [B,Sp]). Padded rows copy the
     last real position (so they do not widen block ranges) and get pad segment ids (never visible).
     """
-    if q_positions is None:
-        q_positions = default_positions(B, T, S - T)
-    if kv_positions is None:
-        kv_positions = default_positions(B, S)
-    if q_segment_ids is None:
-        q_segment_ids = jnp.zeros((B, T), jnp.int32)
-        kv_segment_ids = jnp.zeros((B, S), jnp.int32)
+    q_positions, kv_positions, q_segment_ids, kv_segment_ids = fill_masking_defaults(
+        B, T, S, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
 
     def pad(x, n, value):
         x = x.astype(jnp.int32)

@@ -61,8 +61,9 @@ def _extra(cfg, num_warps, num_stages):
     return dict(compiler_params=_compiler_params(num_warps, num_stages))
 
 
-def _fwd_call(cfg, spans, q_pos, q_seg, kv_pos, kv_seg, q, k, v):
-    B, N, Tp, H = q.shape
+def _query_major_specs(cfg, H: int):
+    """BlockSpecs of the (B, N, query block) grid shared by forward and dq; each program sees the
+    whole padded key range and loops over it. Returns (span, q, kv, query row, key row, row)."""
     b_, G = cfg.blocking, cfg.groups
     bq, Sp = b_.block_q, b_.s_pad
     span = pl.BlockSpec((None, 1), lambda b, n, i: (b, i))
@@ -70,6 +71,15 @@ def _fwd_call(cfg, spans, q_pos, q_seg, kv_pos, kv_seg, q, k, v):
     kv_spec = pl.BlockSpec((None, None, Sp, H), lambda b, n, i: (b, lax.div(n, G), 0, 0))
     qrow = pl.BlockSpec((None, bq), lambda b, n, i: (b, i))
     kvrow = pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0))
+    row = pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i))
+    return span, q_spec, kv_spec, qrow, kvrow, row
+
+
+def _fwd_call(cfg, spans, q_pos, q_seg, kv_pos, kv_seg, q, k, v):
+    B, N, Tp, H = q.shape
+    b_ = cfg.blocking
+    Sp = b_.s_pad
+    span, q_spec, kv_spec, qrow, kvrow, row = _query_major_specs(cfg, H)
     f = cfg.frac()
     cost = pl.CostEstimate(flops=blk_lib.attention_flops(B, Tp, Sp, N, H, f),
                            transcendentals=int(B * N * Tp * Sp * f),
@@ -79,7 +89,7 @@ def _fwd_call(cfg, spans, q_pos, q_seg, kv_pos, kv_seg, q, k, v):
         functools.partial(kern.fwd_kernel, block_kv=b_.block_kv, **cfg.kw()),
         grid=(B, N, b_.nq),
         in_specs=[span, span, qrow, qrow, kvrow, kvrow, q_spec, kv_spec, kv_spec],
-        out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i))],
+        out_specs=[q_spec, row],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
         cost_estimate=cost, name="tessera_gpu_flash_fwd",
@@ -89,14 +99,9 @@ def _fwd_call(cfg, spans, q_pos, q_seg, kv_pos, kv_seg, q, k, v):
 
 def _dq_call(cfg, spans, q_pos, q_seg, kv_pos, kv_seg, q, k, v, do, lse, di):
     B, N, Tp, H = q.shape
-    b_, G = cfg.blocking, cfg.groups
-    bq, Sp = b_.block_q, b_.s_pad
-    span = pl.BlockSpec((None, 1), lambda b, n, i: (b, i))
-    q_spec = pl.BlockSpec((None, None, bq, H), lambda b, n, i: (b, n, i, 0))
-    kv_spec = pl.BlockSpec((None, None, Sp, H), lambda b, n, i: (b, lax.div(n, G), 0, 0))
-    qrow = pl.BlockSpec((None, bq), lambda b, n, i: (b, i))
-    kvrow = pl.BlockSpec((None, Sp), lambda b, n, i: (b, 0))
-    row = pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i))
+    b_ = cfg.blocking
+    Sp = b_.s_pad
+    span, q_spec, kv_spec, qrow, kvrow, row = _query_major_specs(cfg, H)
     f = cfg.frac()
     cost = pl.CostEstimate(flops=int(1.5 * blk_lib.attention_flops(B, Tp, Sp, N, H, f)),
                            transcendentals=int(B * N * Tp * Sp * f),

@@ -18,6 +18,19 @@ def default_positions(batch: int, length: int, offset: int = 0) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) + offset, (batch, length))
 
 
+def fill_masking_defaults(B: int, T: int, S: int, q_positions=None, kv_positions=None,
+                          q_segment_ids=None, kv_segment_ids=None):
+    """Positions (queries right-aligned against keys) and segment ids (one segment) where absent."""
+    if q_positions is None:
+        q_positions = default_positions(B, T, S - T)
+    if kv_positions is None:
+        kv_positions = default_positions(B, S)
+    if q_segment_ids is None:
+        q_segment_ids = jnp.zeros((B, T), jnp.int32)
+        kv_segment_ids = jnp.zeros((B, S), jnp.int32)
+    return q_positions, kv_positions, q_segment_ids, kv_segment_ids
+
+
 def attention_mask(q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None, *,
                    causal: bool = True, sliding_window: int = 0) -> jax.Array:
     """Boolean [B, T, S] mask of visible keys."""

@@ -78,11 +78,12 @@ def _clamp(x, lo, hi):
     return jnp.maximum(jnp.minimum(x, hi), lo)
 
 
-def _fwd_call(cfg: FlashConfig, spans, q_pos, q_seg, kv_pos, kv_seg, q, k, v):
-    B, N, Tp, H = q.shape
+def _query_major_specs(cfg: FlashConfig, H: int):
+    """BlockSpecs of the (B, N, query block i, key block j) grid shared by forward and dq: key
+    blocks are clamped to each query block's visible span, so skipped blocks are never fetched.
+    Returns (q [bq,H], kv [bk,H], query column [bq,1], key row [1,bk], per-query row [bq,1])."""
     b_, G = cfg.blocking, cfg.groups
     bq, bk, nq = b_.block_q, b_.block_kv, b_.nq
-    lo, hi = spans
 
     def kv_j(b, i, j, lo, hi):
         return _clamp(j, lo[b * nq + i], hi[b * nq + i])
@@ -92,7 +93,16 @@ def _fwd_call(cfg: FlashConfig, spans, q_pos, q_seg, kv_pos, kv_seg, q, k, v):
                            lambda b, n, i, j, lo, hi: (b, lax.div(n, G), kv_j(b, i, j, lo, hi), 0))
     qcol = pl.BlockSpec((None, bq, 1), lambda b, n, i, j, lo, hi: (b, i, 0))
     kvrow = pl.BlockSpec((None, 1, bk), lambda b, n, i, j, lo, hi: (b, 0, kv_j(b, i, j, lo, hi)))
-    lse_spec = pl.BlockSpec((None, None, bq, 1), lambda b, n, i, j, lo, hi: (b, n, i, 0))
+    row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, n, i, j, lo, hi: (b, n, i, 0))
+    return q_spec, kv_spec, qcol, kvrow, row_spec
+
+
+def _fwd_call(cfg: FlashConfig, spans, q_pos, q_seg, kv_pos, kv_seg, q, k, v):
+    B, N, Tp, H = q.shape
+    b_, G = cfg.blocking, cfg.groups
+    bq, nq = b_.block_q, b_.nq
+    lo, hi = spans
+    q_spec, kv_spec, qcol, kvrow, lse_spec = _query_major_specs(cfg, H)
     frac = cfg.visible_fraction()
     itemsize = q.dtype.itemsize
     cost = pl.CostEstimate(
@@ -117,19 +127,10 @@ def _fwd_call(cfg: FlashConfig, spans, q_pos, q_seg, kv_pos, kv_seg, q, k, v):
 
 def _dq_call(cfg: FlashConfig, spans, q_pos, q_seg, kv_pos, kv_seg, q, k, v, do, lse, di):
     B, N, Tp, H = q.shape
-    b_, G = cfg.blocking, cfg.groups
-    bq, bk, nq = b_.block_q, b_.block_kv, b_.nq
+    b_ = cfg.blocking
+    bq, nq = b_.block_q, b_.nq
     lo, hi = spans
-
-    def kv_j(b, i, j, lo, hi):
-        return _clamp(j, lo[b * nq + i], hi[b * nq + i])
-
-    q_spec = pl.BlockSpec((None, None, bq, H), lambda b, n, i, j, lo, hi: (b, n, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, H),
-                           lambda b, n, i, j, lo, hi: (b, lax.div(n, G), kv_j(b, i, j, lo, hi), 0))
-    qcol = pl.BlockSpec((None, bq, 1), lambda b, n, i, j, lo, hi: (b, i, 0))
-    kvrow = pl.BlockSpec((None, 1, bk), lambda b, n, i, j, lo, hi: (b, 0, kv_j(b, i, j, lo, hi)))
-    row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, n, i, j, lo, hi: (b, n, i, 0))
+    q_spec, kv_spec, qcol, kvrow, row_spec = _query_major_specs(cfg, H)
     frac = cfg.visible_fraction()
     cost = pl.CostEstimate(
         flops=int(1.5 * blk_lib.attention_flops(B, Tp, b_.s_pad, N, H, frac)),
