@@ -115,3 +115,75 @@ def reference_greedy(cfg, params: dict, prompt: list[int], n: int) -> list[int]:
         logits = forward(abstract, jnp.array([seq + [0] * (T - len(seq))], jnp.int32))
         seq.append(int(jnp.argmax(logits[len(seq) - 1])))
     return seq[len(prompt):]
+
+
+def _cache_rounding(kv_dtype: str):
+    """k or v [B,S,K,H] -> the values a paged cache of kv_dtype hands back to decode."""
+    from serving.kv_cache import quantize_kv
+    if kv_dtype == "int8":
+        def rounded(x):
+            q, s = quantize_kv(x)
+            return (q.astype(jnp.float32) * s[..., None]).astype(x.dtype)
+        return rounded
+    return lambda x: x.astype(kv_dtype).astype(x.dtype)
+
+
+def reference_logprobs(cfg, params: dict, tokens: list[int], decode_from: int | None = None,
+                       kv_dtype: str = "float32") -> np.ndarray:
+    """Cache-free log-softmax [T,V] of the NNX model over `tokens`.
+
+    With decode_from, queries at positions >= decode_from attend over keys and values rounded
+    the way a `kv_dtype` cache stores them (what paged decode reads), and earlier queries over
+    exact ones (what prefill attends over): the cache's own rounding and nothing else.
+    """
+    import model.transformer as transformer
+    from sharding.init import abstract_model
+    graphdef, state = nnx.split(abstract_model(cfg))
+    nnx.replace_by_pure_dict(state, params)
+    exact_attention = transformer.attention
+    rnd = _cache_rounding(kv_dtype)
+
+    def attention(q, k, v, **kw):
+        out = exact_attention(q, k, v, **kw)
+        if decode_from is None:
+            return out
+        decoded = exact_attention(q, rnd(k), rnd(v), **kw)
+        return jnp.where((kw["q_positions"] >= decode_from)[..., None, None], decoded, out)
+
+    transformer.attention = attention  # traced once below, then restored
+    try:
+        logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])(state, jnp.array([tokens], jnp.int32))
+    finally:
+        transformer.attention = exact_attention
+    return np.asarray(jax.nn.log_softmax(logits, axis=-1))
+
+
+def teacher_forced_top_logprobs(eng, tokens: list[int], n_prompt: int):
+    """Top ids and logprobs [T-n_prompt+1, TOP_N] of the engine's jitted paged prefill and decode.
+
+    Prefill of tokens[:n_prompt], then one decode step per later token, fed the given tokens
+    (not the sampled ones): row i scores the token at position n_prompt + i. Runs on a cache and
+    page table of its own, beside the engine's.
+    """
+    from serving.decode import compile_fns
+    from serving.kv_cache import PageAllocator, init_cache
+    cfg = eng.cfg
+    prefill, decode = compile_fns(cfg, eng.mesh)
+    cache = init_cache(cfg, eng.mesh)
+    alloc = PageAllocator(cfg.serve.num_pages, cfg.serve.page_size, 1, cfg.model.max_seq_len)
+    alloc.allocate(0, len(tokens))
+    table = alloc.page_table[:1]
+    greedy = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32))
+    bucket = next(b for b in eng.buckets if b >= n_prompt)
+    padded = np.zeros((1, bucket), np.int32)
+    padded[0, :n_prompt] = tokens[:n_prompt]
+    cache, out, _ = prefill(eng.params, cache, padded, np.int32(n_prompt), table, *greedy,
+                            np.zeros((1, 2), np.uint32))
+    rows = [jax.device_get(out[2:])]
+    for t in range(n_prompt, len(tokens) - 1):
+        cache, out = decode(eng.params, cache, np.array([tokens[t]], np.int32), np.array([t], np.int32),
+                            table, *greedy, np.zeros((1, 2), np.uint32), np.zeros(1, np.int32))
+        rows.append(jax.device_get(out[2:]))
+    ids = np.concatenate([r[0] for r in rows])      # [n,TOP_N]
+    lps = np.concatenate([r[1] for r in rows])      # [n,TOP_N]
+    return ids, lps

@@ -1,7 +1,8 @@
 """Hugging Face interop: tiny random transformers models -> Tessera and back, with logits parity.
 
 Each case builds a random model with transformers (never a hub download), saves it, imports it,
-and checks fp32 logits (max abs diff <= 1e-4) and 32 greedy tokens against transformers; then
+and checks fp32 logits (max abs diff <= 1e-4) and 32 greedy tokens against transformers (ids
+equal wherever the top-2 margin is beyond rounding); then
 exports it back, reloads it in transformers (identical logits) and re-imports it (bit-exact).
 """
 from __future__ import annotations
@@ -70,16 +71,6 @@ def forward(graphdef, state, tokens):
     return nnx.merge(graphdef, state)(tokens)
 
 
-def tessera_greedy(graphdef, state, prompt: np.ndarray) -> list[list[int]]:
-    """Greedy decode by full forward passes over a fixed-length buffer (the logits test's shape,
-    so no new compile): with causal attention the logits at t ignore the padding after it."""
-    buf = np.zeros((prompt.shape[0], PROMPT_LEN + NEW_TOKENS), np.int32)
-    buf[:, :PROMPT_LEN] = prompt
-    for t in range(PROMPT_LEN, PROMPT_LEN + NEW_TOKENS):
-        buf[:, t] = np.asarray(jnp.argmax(forward(graphdef, state, jnp.asarray(buf))[:, t - 1], axis=-1))
-    return buf[:, PROMPT_LEN:].tolist()
-
-
 def pure(state) -> dict:
     return jax.tree.map(np.asarray, nnx.to_pure_dict(state))
 
@@ -112,8 +103,17 @@ def test_import_logits_greedy_export_roundtrip(case, tmp_path, mesh):
     print(f"{case}: max abs logits diff {diff:.2e}")
     assert diff <= 1e-4, diff
 
+    # Greedy continuation: transformers' greedy tokens, and ours teacher-forced on them. Ids must
+    # agree wherever transformers' top-2 margin exceeds twice the logits bound (a near-tie may
+    # go either way with the host CPU's rounding).
     prompt = ids[:, :PROMPT_LEN]
-    assert tessera_greedy(graphdef, state, prompt) == hf_greedy(model, prompt)
+    seq = np.concatenate([prompt, np.array(hf_greedy(model, prompt))], axis=1)      # [2,P+N]
+    theirs = hf_logits(model, seq)[:, PROMPT_LEN - 1:-1]                             # [2,N,V]
+    ours = np.asarray(forward(graphdef, state, jnp.asarray(seq, jnp.int32)))[:, PROMPT_LEN - 1:-1]
+    assert float(np.abs(ours - theirs).max()) <= 1e-4
+    top2 = np.sort(theirs, axis=-1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > 2e-4
+    assert clear.mean() >= 0.9 and (ours.argmax(-1)[clear] == theirs.argmax(-1)[clear]).all()
 
     # Direct use: the HF directory itself, on a tensor-parallel mesh, gives the same params.
     tp_mesh = make_mesh(load_config("tiny", ["mesh.rules=fsdp_tp", "mesh.tensor=2"]))
