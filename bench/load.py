@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.machine_load import load_report  # noqa: E402
 
 import httpx  # noqa: E402
 
@@ -136,4 +137,6 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with load_report():
+        rc = main()
+    sys.exit(rc)
