@@ -1,6 +1,8 @@
 # `make demo` and `make test` set everything up on a fresh machine (Python 3.11+).
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
+# CPU build of torch, a test-time reference only; `TORCH=` skips it (its tests then skip).
+TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 export JAX_PLATFORMS ?= cpu
 
@@ -17,7 +19,7 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 
 # Test and interop extras. torch (CPU build) is a test-time reference only.
 $(VENV)/.test: $(VENV)/.core
-	$(BIN)/pip install -q torch==2.13.0
+	$(if $(TORCH),$(BIN)/pip install -q $(TORCH))
 	$(BIN)/pip install -q -e ".[test,hf,tpu]"
 	touch $@
 
@@ -25,6 +27,7 @@ demo: $(VENV)/.core
 	$(BIN)/python train.py configs/tiny.yaml --samples 3
 
 test: $(VENV)/.test
+	@$(BIN)/python -c "import sys, jax, flax; print(f'Python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}')"
 	$(BIN)/python -m pytest -q -m "not slow" -n 2
 
 test-slow: $(VENV)/.test
@@ -34,4 +37,4 @@ test-all: $(VENV)/.test
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf .venv .venv-newest runs
