@@ -1,6 +1,7 @@
 """Ahead-of-time checks that the kernels lower for real hardware from this CPU host:
 every TPU kernel (flash forward, forward+backward, paged decode bf16/int8) compiles through
-libtpu (Mosaic) for v5e and v6e topologies, and the GPU kernels lower to Triton for CUDA."""
+libtpu (Mosaic) for v5e and v6e topologies, with the FLOPs of its CostEstimate and the memory
+figures its shapes imply, and the GPU kernels lower to Triton for CUDA."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from model.kernels.blocking import attention_flops
 from model.kernels.gpu_flash import flash_attention_gpu
 from model.kernels.gpu_paged import paged_attention_gpu
 from model.kernels.tpu_flash import flash_attention
@@ -16,6 +18,21 @@ from model.kernels.tpu_paged import paged_attention_tpu
 
 B, T, N, K, H = 1, 1024, 8, 2, 128
 PAGES, PS, M = 256, 16, 32
+BF16 = 2  # bytes
+
+
+def _check_cost_and_memory(compiled, *, flops, extra_flops, arguments, outputs, slack_in, slack_out,
+                           temp_budget):
+    """The compiler's figures against the shapes: `flops` is what the kernels' CostEstimates say
+    (XLA adds the wrapper's elementwise ops, at most `extra_flops`); argument and output bytes
+    are the operand and result sizes (plus `slack_*` bytes of TPU tile padding or tuple tables);
+    HBM temporaries stay within `temp_budget`."""
+    got = compiled.cost_analysis()["flops"]
+    assert flops <= got <= flops + extra_flops, (got, flops)
+    mem = compiled.memory_analysis()
+    assert arguments <= mem.argument_size_in_bytes <= arguments + slack_in, mem
+    assert outputs <= mem.output_size_in_bytes <= outputs + slack_out, mem
+    assert 0 <= mem.temp_size_in_bytes <= temp_budget, (mem.temp_size_in_bytes, temp_budget)
 
 
 def _tpu_device(topology: str):
@@ -49,10 +66,29 @@ def test_tpu_flash_compiles(topology):
     args = _abstract(dev, ((B, T, N, H), jnp.bfloat16), ((B, T, K, H), jnp.bfloat16),
                      ((B, T, K, H), jnp.bfloat16))
     fwd, grad = _flash_fns(dev.device_kind)
-    for fn in (fwd, grad):
+    # CostEstimates (tpu_flash.py): forward attention_flops(B, Tp, Sp, N, H, frac), dq 1.5x, dk/dv
+    # 2x; frac is the kernels' static guess, 0.5 when causal (min(0.5, W/S + block_kv/S) = 0.5
+    # here with W = 512, S = 1024 and block_kv 512 or 1024). T = S = 1024 needs no padding.
+    attn = attention_flops(B, T, T, N, H, 0.5)                      # 2^31
+    q_bytes, kv_bytes = B * T * N * H * BF16, B * T * K * H * BF16  # 2 MiB, 0.5 MiB
+    # One f32 statistic per query row ([B,N,Tp,1]: lse, and di in the backward) is laid out in
+    # HBM with 128 lanes per row: 4 MiB each. Masks: 4 int32 position / segment vectors, padded
+    # to whole (8,128) tiles (< 1 MiB). (memory_analysis counts HBM only: buffers the compiler
+    # keeps in VMEM are not temporaries, which is why a dense [B,N,T,S] score matrix, 32 MiB in
+    # f32, would not show here at these shapes; the flops check catches that.)
+    stats = B * N * T * 128 * 4
+    for fn, flops, outputs, n_stats in ((fwd, attn, q_bytes, 1),
+                                        (grad, int(4.5 * attn), q_bytes + 2 * kv_bytes, 2)):
         compiled = jax.jit(fn).lower(*args).compile()
-        assert compiled.memory_analysis() is not None
-        assert compiled.cost_analysis()["flops"] > 0  # the CostEstimate reached XLA
+        # Budget: the wrapper's [B,N,T,H] layout copies of operands and results, the per-row
+        # statistics and the mask vectors: 10.1 MiB forward, 15.1 MiB with the backward.
+        budget = (q_bytes + 2 * kv_bytes) + outputs + n_stats * stats + 2 ** 20
+        # XLA adds the wrapper's elementwise work: block ranges of the masks (O(B*(T+S))) and,
+        # in the backward, di = sum_H(o * do) (2*B*N*T*H = 2 Mi): <= 0.1% of the kernels' flops.
+        _check_cost_and_memory(compiled, flops=flops, extra_flops=2 * B * N * T * H + 64 * B * 2 * T,
+                               arguments=q_bytes + 2 * kv_bytes, outputs=outputs, slack_in=0,
+                               slack_out=512,  # the grad's 3-tuple of results: a pointer table
+                               temp_budget=budget)
 
 
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
@@ -70,7 +106,21 @@ def test_tpu_paged_compiles(topology, kv_dtype):
                                    k_scales=scales[0] if scales else None,
                                    v_scales=scales[1] if scales else None, interpret=False)
     compiled = jax.jit(fn).lower(*_abstract(dev, *shapes)).compile()
-    assert compiled.cost_analysis()["flops"] > 0
+    Bq, Tq, Nq = 8, 4, 4 * K
+    q_bytes = Bq * Tq * Nq * H * BF16                               # 64 KiB
+    pages = 2 * PAGES * PS * K * H * dt.itemsize                    # 4 MiB bf16, 2 MiB int8
+    scales = 2 * PAGES * PS * K * 4 if kv_dtype == "int8" else 0    # f32
+    ints = Bq * M * 4 + Bq * 4                                      # page table and lengths
+    # The CostEstimate (tpu_paged.py) counts every table slot: 4*B*N*T*M*page_size*H.
+    flops = 4 * Bq * Nq * Tq * M * PS * H
+    # HBM temporaries: the wrapper's [B,K,G*T,H] copy of q and of the result (q-sized each), the
+    # query positions [B,G*T,1] int32 (128 lanes per row) and the clipped table: 200 KiB. Pages
+    # copied in HBM (gathered into a contiguous cache, dequantized) would not fit in it.
+    budget = 2 * q_bytes + Bq * (Nq // K) * Tq * 128 * 4 + 2 * 4096
+    _check_cost_and_memory(compiled, flops=flops, extra_flops=4096,  # q positions, clipping
+                           arguments=q_bytes + pages + scales + ints, outputs=q_bytes,
+                           slack_in=4096,  # int32 table [8,32] and lengths [8] fill (8,128) tiles
+                           slack_out=0, temp_budget=budget)
 
 
 def _cuda_export(fn, *shapes):

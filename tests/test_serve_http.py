@@ -100,6 +100,11 @@ def test_sampling_seed_is_reproducible(client):
     a = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
     b = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
     assert a == b
+    # and the seed is what decides: other seeds draw other samples (10 tokens at temperature 1
+    # from a 200-step model, far from deterministic: a repeat among five is vanishingly unlikely)
+    texts = [a] + [client.post("/v1/completions", json={**body, "seed": s}).json()["choices"][0]["text"]
+                   for s in (8, 9, 1234, 2 ** 40)]
+    assert len(set(texts)) == len(texts), texts
 
 
 @pytest.mark.parametrize("path,body", [
