@@ -44,6 +44,8 @@ def print_samples(trainer, n: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from training.platforms import skip_absent_tpu
+    skip_absent_tpu()  # before jax starts its backends: no libtpu start-up errors on hosts without TPU
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from configs import ConfigError, load_config
     try:
@@ -68,21 +70,35 @@ def main(argv=None) -> int:
         return 2
     try:
         summary = trainer.run()
-        import data
+        full = None
+        if cfg.train.final_eval and "stopped_by" not in summary:
+            full = trainer.full_validation(summary["step"])
         import jax
         if jax.process_index() == 0:
-            final = summary.get("final", {})
-            if "initial" in summary and "val_bpb" in final:
-                xz = data.xz_bits_per_byte(data.validation_texts(cfg))
-                print(f"validation bits per byte: {summary['initial']['val_bpb']:.3f} before training, "
-                      f"{final['val_bpb']:.3f} after {summary['step']} steps (xz -9e: {xz:.3f})")
-            elif "val_bpb" in final:
-                print(f"validation bits per byte after {summary['step']} steps: {final['val_bpb']:.3f}")
+            print_report(trainer.eval_label, summary, full)
             if args.samples:
                 print_samples(trainer, args.samples)
     finally:
         trainer.close()
     return 0
+
+
+def print_report(eval_label: str, summary: dict, full: dict | None) -> None:
+    """The cheap periodic eval, labelled as such, then model and xz -9e on the same bytes."""
+    final, step = summary.get("final", {}), summary["step"]
+    if "val_bpb" in final:
+        before = f"{summary['initial']['val_bpb']:.3f} before training, " if "initial" in summary else ""
+        print(f"{eval_label}: {before}{final['val_bpb']:.3f} after {step} steps")
+    if full is not None:
+        note = ""
+        if int(full["full_val_token_bytes"]) != full["full_val_bytes"]:
+            note = f"; the scored tokens' pieces spell {full['full_val_token_bytes']:,.0f}"
+        print(f"whole validation split: {full['full_val_documents']} documents, {full['full_val_bytes']:,} bytes "
+              f"({full['full_val_tokens']:,.0f} tokens scored in {full['full_val_seconds']:.0f}s{note})")
+        model = f"model after {step} steps"
+        width = max(len(model), len("xz -9e, same bytes"))
+        print(f"  {model:<{width}}  {full['full_val_bpb']:.3f} bits per byte")
+        print(f"  {'xz -9e, same bytes':<{width}}  {full['xz_bpb']:.3f} bits per byte")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ batches (grain), and bits-per-byte metrics.
 """
 from data.corpus import split_documents, stdlib_files, validation_texts
 from data.errors import DataError
-from data.loader import Loader, make_loader
-from data.metrics import bits_per_byte, token_bytes, xz_bits_per_byte
+from data.loader import Loader, full_pass_loader, make_loader
+from data.metrics import bits_per_byte, token_bytes, utf8_bytes, xz_bits_per_byte
 from data.packing import make_rows, pack_stream
 from data.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = ["BOS", "DataError", "EOS", "Loader", "PAD", "Tokenizer", "UNK", "bits_per_byte",
-           "load_tokenizer", "make_loader", "make_rows", "pack_stream", "split_documents",
-           "stdlib_files", "token_bytes", "train_tokenizer", "validation_texts", "xz_bits_per_byte"]
+           "full_pass_loader", "load_tokenizer", "make_loader", "make_rows", "pack_stream", "split_documents",
+           "stdlib_files", "token_bytes", "train_tokenizer", "utf8_bytes", "validation_texts",
+           "xz_bits_per_byte"]

@@ -6,7 +6,9 @@ access index permutation re-seeded each epoch (grain uses seed + epoch, so every
 different order). Global batch `step` is items [step*B, (step+1)*B) of that sequence, and process pi
 of pc takes rows [pi*B/pc, (pi+1)*B/pc) of it, so the processes' slices union to the global batch.
 The validation loader reads rows in order without shuffling; rows past the end are all padding
-(loss_mask 0), so `batch(0..num_batches-1)` covers every validation row exactly once.
+(loss_mask 0), so `batch(0..num_batches-1)` covers every validation row exactly once. A loader made
+with `stride=seq_len-1` (`full_pass_loader`) reads overlapping rows whose targets are every token of
+the split once (see data/packing.py): the whole-split evaluation that is compared with xz.
 
 The tokenized stream is cached at RUN_DIR/data_cache/<key>/ (tokens.npy, offsets.npy), keyed by the
 tokenizer file's hash, the data paths and split settings, and the files' sizes and mtimes. It does
@@ -88,17 +90,21 @@ class Loader:
     """
 
     def __init__(self, tokens, offsets, seq_len: int, global_batch: int, shuffle: bool, seed: int,
-                 pad_id: int = 0, process_index: int = 0, process_count: int = 1):
+                 pad_id: int = 0, process_index: int = 0, process_count: int = 1,
+                 stride: int | None = None):
         if global_batch % process_count:
             raise DataError(f"train.batch_size ({global_batch}) is not divisible by the process count "
                             f"({process_count})")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} out of range for {process_count} processes")
+        if shuffle and stride not in (None, seq_len):
+            raise ValueError("overlapping rows (stride < seq_len) are for in-order evaluation only")
         self.tokens, self.offsets, self.seq_len = tokens, offsets, seq_len
         self.global_batch, self.shuffle, self.pad_id = global_batch, shuffle, pad_id
+        self.stride = seq_len if stride is None else stride
         self.local_batch = global_batch // process_count
         self.first = process_index * self.local_batch
-        self.num_rows = num_rows(tokens, seq_len)
+        self.num_rows = num_rows(tokens, seq_len, self.stride)
         self.num_tokens = int(len(tokens))
         self.step = 0
         ds = grain.MapDataset.range(self.num_rows)
@@ -119,7 +125,8 @@ class Loader:
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of global batch `step`: inputs, targets, segment_ids, positions (int32)
         and loss_mask (float32), each [B / process_count, T]."""
-        return make_rows(self.tokens, self.offsets, self.row_indices(step), self.seq_len, self.pad_id)
+        return make_rows(self.tokens, self.offsets, self.row_indices(step), self.seq_len, self.pad_id,
+                         self.stride)
 
     def __iter__(self):
         return self
@@ -136,6 +143,14 @@ class Loader:
     def set_state(self, state: dict) -> None:
         """Resume from a `get_state()` dict."""
         self.step = int(state["step"])
+
+
+def full_pass_loader(val: Loader, process_index: int = 0, process_count: int = 1) -> Loader:
+    """In-order overlapping rows (stride T-1) over `val`'s stream: every token but the first of the
+    stream is a target exactly once (document-crossing targets masked), for whole-split evaluation."""
+    return Loader(val.tokens, val.offsets, val.seq_len, val.global_batch, shuffle=False, seed=0,
+                  pad_id=val.pad_id, process_index=process_index, process_count=process_count,
+                  stride=max(val.seq_len - 1, 1))
 
 
 def make_loader(cfg, tokenizer: Tokenizer, run_dir: str | os.PathLike, split: str = "train",

@@ -34,8 +34,15 @@ def bits_per_byte(nll_nats_sum: float, n_bytes: float) -> float:
     return float(nll_nats_sum) / (math.log(2) * float(n_bytes))
 
 
+def utf8_bytes(texts: list[str]) -> int:
+    """UTF-8 length of the texts concatenated: the bytes xz_bits_per_byte compresses, and the
+    denominator of a model's bits per byte on the same texts."""
+    return sum(len(t.encode("utf-8")) for t in texts)
+
+
 def xz_bits_per_byte(texts: list[str]) -> float:
-    """Bits per byte of xz (lzma preset 9 | EXTREME) on the texts concatenated as one stream.
+    """Bits per byte of xz (lzma preset 9 | EXTREME) on the texts concatenated as one stream,
+    over utf8_bytes(texts) bytes.
 
     Concatenated is the fair comparison with a language model, which also learns across documents.
     """

@@ -59,13 +59,22 @@ def to_global(batch: dict, sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def evaluate(eval_fn, params, loader, token_bytes, n_batches: int, sharding) -> dict:
-    """Validation loss, perplexity and bits per byte over the first n batches."""
+def eval_sums(eval_fn, params, loader, token_bytes, n_batches: int, sharding, stop=None) -> dict | None:
+    """Summed nll (nats), scored tokens and their UTF-8 bytes over batches 0..n-1 (None if `stop()`)."""
     totals = {"nll_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
     for i in range(n_batches):
+        if stop is not None and stop():
+            return None
         out = eval_fn(params, to_global(loader.batch(i), sharding), token_bytes)
         for k in totals:
             totals[k] += float(out[k])
+    return totals
+
+
+def evaluate(eval_fn, params, loader, token_bytes, n_batches: int, sharding) -> dict:
+    """Validation loss, perplexity and bits per byte over the first n batches (the cheap periodic
+    eval: rows stand alone, so 1 in T tokens is not scored; see Trainer.full_validation)."""
+    totals = eval_sums(eval_fn, params, loader, token_bytes, n_batches, sharding)
     loss = totals["nll_sum"] / max(totals["tokens"], 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
             "val_bpb": data.bits_per_byte(totals["nll_sum"], totals["bytes"])}
@@ -109,6 +118,9 @@ class Trainer:
         self.token_bytes = jnp.asarray(data.token_bytes(self.tokenizer), jnp.float32)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.logger = MetricsLogger(self.run_dir, cfg.train.steps, self.start_step, log_enabled)
+        n_eval = min(cfg.train.eval_batches, self.val_data.num_batches)
+        self.eval_label = f"val bpb (first {n_eval} batch{'es' if n_eval != 1 else ''})"
+        self.stop: StopRequested | None = None
 
     def _tokenizer(self):
         """The starting checkpoint's tokenizer (copied into the run) when fine-tuning, else data's."""
@@ -147,15 +159,47 @@ class Trainer:
         return evaluate(self.eval_fn, self.state["params"], self.val_data, self.token_bytes,
                         self.cfg.train.eval_batches, self.data_sharding)
 
+    def full_validation(self, step: int) -> dict | None:
+        """The model and xz -9e on the same bytes: the whole validation split, every token once.
+
+        Overlapping rows (data.full_pass_loader) make every token of every validation document
+        (and its eos) a target exactly once. Bits per byte = summed nll (nats) / ln 2 / the UTF-8
+        length of the validation texts concatenated, which are exactly the bytes given to xz.
+        `full_val_token_bytes` is what the scored tokens' pieces spell: equal to `full_val_bytes`
+        for a lossless tokenizer. None when a signal arrives meanwhile.
+        """
+        t0 = time.time()
+        full = data.full_pass_loader(self.val_data, jax.process_index(), jax.process_count())
+
+        def stop() -> bool:  # one process alone must not leave the collective eval steps
+            return jax.process_count() == 1 and self.stop is not None and self.stop.signal is not None
+
+        totals = eval_sums(self.eval_fn, self.state["params"], full, self.token_bytes, full.num_batches,
+                           self.data_sharding, stop)
+        if totals is None:
+            return None
+        eval_seconds = time.time() - t0
+        texts = data.validation_texts(self.cfg)
+        n_bytes = data.utf8_bytes(texts)
+        t1 = time.time()
+        xz = data.xz_bits_per_byte(texts) if jax.process_index() == 0 else float("nan")
+        out = {"full_val_documents": len(texts), "full_val_bytes": n_bytes,
+               "full_val_tokens": totals["tokens"], "full_val_token_bytes": totals["bytes"],
+               "full_val_loss": totals["nll_sum"] / max(totals["tokens"], 1),
+               "full_val_bpb": data.bits_per_byte(totals["nll_sum"], n_bytes), "xz_bpb": xz,
+               "full_val_seconds": eval_seconds, "xz_seconds": time.time() - t1}
+        self.logger.log(step, out)
+        return out
+
     def run(self) -> dict:
         """Train from the current step to cfg.train.steps; returns the last metrics seen."""
         cfg, tc = self.cfg, self.cfg.train
-        stop = StopRequested()
+        self.stop = stop = StopRequested()
         summary = {"start_step": self.start_step}
         if self.start_step == 0 and tc.eval_every > 0:
             summary["initial"] = self.evaluate()
             self.logger.log(0, summary["initial"])
-            self.logger.message(f"step 0: validation bits per byte {summary['initial']['val_bpb']:.3f}")
+            self.logger.message(f"step 0: {self.eval_label} {summary['initial']['val_bpb']:.3f}")
         peak, n_dev = peak_flops(), jax.device_count()
         window_start, window_tokens, last = time.time(), 0.0, {}
         step = self.start_step
@@ -190,8 +234,8 @@ class Trainer:
             if tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps):
                 last.update(self.evaluate())
                 self.logger.log(step, {k: last[k] for k in ("val_loss", "val_ppl", "val_bpb")})
-                self.logger.message(f"step {step}: validation loss {last['val_loss']:.4f}, "
-                                    f"bits per byte {last['val_bpb']:.3f}")
+                self.logger.message(f"step {step}: val loss {last['val_loss']:.4f}, "
+                                    f"{self.eval_label} {last['val_bpb']:.3f}")
             if stop.signal:
                 self.logger.message(f"{stop.signal} received: saving step {step} and exiting")
                 self.save(step, force=True)
