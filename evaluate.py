@@ -56,6 +56,16 @@ def eval_mesh():
     return Mesh(devices, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
 
 
+def missing_classes_line(missing: list[str], path) -> str:
+    """The note printed when some of the model's classes have no row in the evaluated file."""
+    if len(missing) == 1:
+        return (f"note: class {missing[0]!r} has no rows in {path}: its precision, recall and F1 count as 0 "
+                "in the macro averages, and it has no ROC curve")
+    names = ", ".join(repr(m) for m in missing)
+    return (f"note: classes {names} have no rows in {path}: their precision, recall and F1 count as 0 "
+            "in the macro averages, and they have no ROC curves")
+
+
 def run(args) -> dict:
     """Dispatch a subcommand; returns the metrics it wrote."""
     mesh = eval_mesh()
@@ -67,6 +77,8 @@ def run(args) -> dict:
         if metrics is None:
             print(f"no label column: wrote predictions to {out / 'predictions.csv'}")
             return {}
+        if metrics["missing_classes"]:
+            print(missing_classes_line(metrics["missing_classes"], args.data))
         print(f"{metrics['n']} rows: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
               f"weighted F1 {metrics['weighted_f1']:.4f}, ROC-AUC "
               + ("n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.4f}") + f" -> {out}")
@@ -89,6 +101,8 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from training.platforms import skip_absent_tpu
+    skip_absent_tpu()  # before jax starts its backends: no libtpu start-up errors on hosts without TPU
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from configs import ConfigError
     try:

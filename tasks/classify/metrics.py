@@ -98,4 +98,5 @@ def classification_metrics(y_true, y_pred, probs: np.ndarray, class_names: list[
             "macro_precision": prf["macro_precision"], "macro_recall": prf["macro_recall"],
             "macro_f1": prf["macro_f1"], "weighted_f1": prf["weighted_f1"],
             "roc_auc": auc["auc"], "roc_auc_kind": "binary" if C == 2 else "one-vs-rest macro",
-            "per_class": per_class, "classes": list(class_names), "confusion_matrix": cm.tolist()}
+            "per_class": per_class, "classes": list(class_names), "confusion_matrix": cm.tolist(),
+            "missing_classes": [name for i, name in enumerate(class_names) if prf["support"][i] == 0]}

@@ -45,17 +45,23 @@ def plot_roc(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path
     C = len(class_names)
     fig, ax = plt.subplots(figsize=(6, 5.5))
     classes = [1] if C == 2 else range(C)
+    curves = 0
     for c in classes:
         auc = binary_auc(y_true == c, probs[:, c])
         if auc is None:  # the class is absent (or alone) in y_true: no curve exists
             continue
         fpr, tpr, _ = roc_curve(y_true == c, probs[:, c])
         ax.plot(fpr, tpr, lw=1.5, label=f"{class_names[c]} (AUC {auc:.3f})")
+        curves += 1
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title("ROC" if C == 2 else "ROC, one-vs-rest")
-    ax.legend(loc="lower right", fontsize=8)
+    if curves:
+        ax.legend(loc="lower right", fontsize=8)
+    else:  # e.g. a file holding one class only: say so on the plot instead of an empty legend
+        ax.text(0.5, 0.3, "no ROC curve: the labels hold no class\nwith both positive and negative rows",
+                ha="center", va="center", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
