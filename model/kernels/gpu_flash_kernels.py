@@ -4,7 +4,7 @@ Unlike the TPU kernels (one block per grid step, the pipeline does the DMA), a T
 owns one query block (forward, dq) or one key block (dk/dv) and loops over the other side with
 lax.fori_loop, loading (rows, H) slices straight from global memory; the loop runs only over
 the span of blocks that can hold a visible pair (blocking.py), so causal and window masks skip
-work. All matmuls go through pl.dot, which accumulates in fp32.
+work. All matmuls go through `dot` below, which accumulates in fp32.
 """
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from model.kernels.blocking import MASK_VALUE
+
+
+def dot(a, b, trans_a: bool = False, trans_b: bool = False):
+    """a @ b of 2-D tiles (a.T and/or b.T if asked), accumulated in fp32: what pl.dot (removed in
+    JAX 0.12) lowered to. The Triton lowering folds the transposes into the matmul."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 def _mask(q_pos, q_seg, kv_pos, kv_seg, causal, sliding_window):
@@ -27,7 +34,7 @@ def _mask(q_pos, q_seg, kv_pos, kv_seg, causal, sliding_window):
 
 
 def _logits(q, k, scale, logit_softcap):
-    s = pl.dot(q, k, trans_b=True) * scale                                     # [bq,bk] fp32
+    s = dot(q, k, trans_b=True) * scale                                        # [bq,bk] fp32
     if logit_softcap:
         s = logit_softcap * jnp.tanh(s / logit_softcap)
     return s
@@ -49,7 +56,7 @@ def fwd_kernel(lo_ref, hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_r
         m_new = jnp.maximum(m_prev, s.max(axis=-1))                          # [bq]
         p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)                # [bq,bk]
         alpha = jnp.exp(m_prev - m_new)
-        acc = alpha[:, None] * acc + pl.dot(p.astype(v.dtype), v)
+        acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v)
         return acc, m_new, alpha * l_prev + p.sum(axis=-1)
 
     init = (jnp.zeros((bq, H), jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32),
@@ -65,7 +72,7 @@ def _dlogits(q, k, v, do, lse, di, mask, scale, logit_softcap):
     """(p, dS) of one (bq, bk) tile, recomputed from the saved log-sum-exp."""
     s = _logits(q, k, scale, logit_softcap)
     p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-    ds = p * (pl.dot(do, v, trans_b=True) - di[:, None])
+    ds = p * (dot(do, v, trans_b=True) - di[:, None])
     if logit_softcap:  # d/dx c*tanh(x/c) = 1 - (s/c)^2
         ds = ds * (1.0 - (s / logit_softcap) ** 2)
     return p, ds
@@ -83,7 +90,7 @@ def dq_kernel(lo_ref, hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_re
         k = k_ref[sl, :]
         mask = _mask(q_pos, q_seg, kv_pos_ref[sl], kv_seg_ref[sl], causal, sliding_window)
         _, ds = _dlogits(q, k, v_ref[sl, :], do, lse, di, mask, scale, logit_softcap)
-        return dq + pl.dot(ds.astype(k.dtype), k)
+        return dq + dot(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(lo_ref[0], hi_ref[0] + 1, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
@@ -104,8 +111,8 @@ def dkv_kernel(lo_ref, hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_r
         q, do = q_ref[rows, :], do_ref[rows, :]
         mask = _mask(q_pos_ref[q_rows], q_seg_ref[q_rows], kv_pos, kv_seg, causal, sliding_window)
         p, ds = _dlogits(q, k, v, do, lse_ref[rows], di_ref[rows], mask, scale, logit_softcap)
-        dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True)                 # [bk,H]
-        dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True)                  # [bk,H]
+        dv = dv + dot(p.astype(do.dtype), do, trans_a=True)                    # [bk,H]
+        dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)                     # [bk,H]
         return dk, dv
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))

@@ -19,6 +19,7 @@ from jax.experimental import pallas as pl
 
 from model.kernels.blocking import MASK_VALUE
 from model.kernels.gpu_flash import _compiler_params, next_pow2
+from model.kernels.gpu_flash_kernels import dot
 
 
 def _kernel(lengths_ref, table_ref, q_pos_ref, q_ref, k_ref, v_ref, *rest, pps, page_size,
@@ -39,7 +40,7 @@ def _kernel(lengths_ref, table_ref, q_pos_ref, q_ref, k_ref, v_ref, *rest, pps, 
         pages = table_ref[pl.ds(c * pps, pps)]                                  # [pps]
         k = k_ref[pages].reshape(chunk, H)                                      # [chunk,H]
         v = v_ref[pages].reshape(chunk, H)
-        s = pl.dot(q, k.astype(q.dtype), trans_b=True)                          # [GT,chunk]
+        s = dot(q, k.astype(q.dtype), trans_b=True)                             # [GT,chunk]
         if quantized:
             s = s * ks_ref[pages].reshape(1, chunk)
         s = s * scale
@@ -56,7 +57,7 @@ def _kernel(lengths_ref, table_ref, q_pos_ref, q_ref, k_ref, v_ref, *rest, pps, 
         l_new = alpha * l_prev + p.sum(axis=-1)
         if quantized:
             p = p * vs_ref[pages].reshape(1, chunk)
-        acc = alpha[:, None] * acc + pl.dot(p.astype(q.dtype), v.astype(q.dtype))
+        acc = alpha[:, None] * acc + dot(p.astype(q.dtype), v.astype(q.dtype))
         return acc, m_new, l_new
 
     first = 0
