@@ -127,8 +127,11 @@ def _cuda_export(fn, *shapes):
     from jax import export
     args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
     checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    # Triton needs a GPU generation to target: with no GPU here, name one (jax >= 0.12 requires it)
+    gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
     try:
-        exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=gpu)):
+            exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
     except (ImportError, NotImplementedError) as e:  # a jaxlib built without Triton bindings
         pytest.skip(f"cannot lower Pallas Triton kernels on this host: {e}")
     assert "xla.gpu.triton" in exp.mlir_module()
