@@ -93,7 +93,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 8
-    final_eval: bool = True          # at the end: the whole validation split, next to xz -9e
+    final_eval: bool = False         # at the end: the whole validation split, next to xz -9e
     profile_start: int = -1          # first step of a profiler trace window; -1 disables
     profile_steps: int = 5
     init_from: str = ""              # Tessera checkpoint or Hugging Face directory to start from
