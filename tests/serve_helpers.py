@@ -162,13 +162,12 @@ def teacher_forced_top_logprobs(eng, tokens: list[int], n_prompt: int):
     """Top ids and logprobs [T-n_prompt+1, TOP_N] of the engine's jitted paged prefill and decode.
 
     Prefill of tokens[:n_prompt], then one decode step per later token, fed the given tokens
-    (not the sampled ones): row i scores the token at position n_prompt + i. Runs on a cache and
-    page table of its own, beside the engine's.
+    (not the sampled ones): row i scores the token at position n_prompt + i. Calls the engine's own
+    compiled steps on a cache and page table of its own, beside the engine's.
     """
-    from serving.decode import compile_fns
     from serving.kv_cache import PageAllocator, init_cache
     cfg = eng.cfg
-    prefill, decode = compile_fns(cfg, eng.mesh)
+    prefill, decode = eng._prefill, eng._decode
     cache = init_cache(cfg, eng.mesh)
     alloc = PageAllocator(cfg.serve.num_pages, cfg.serve.page_size, 1, cfg.model.max_seq_len)
     alloc.allocate(0, len(tokens))
