@@ -14,13 +14,13 @@ $(BIN)/python:
 
 # Runtime dependencies only: what `make demo` needs.
 $(VENV)/.core: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q .
 	touch $@
 
 # Test and interop extras. torch (CPU build) is a test-time reference only.
 $(VENV)/.test: $(VENV)/.core
 	$(if $(TORCH),$(BIN)/pip install -q $(TORCH))
-	$(BIN)/pip install -q -e ".[test,hf,tpu]"
+	$(BIN)/pip install -q ".[test,hf,tpu]"
 	touch $@
 
 demo: $(VENV)/.core

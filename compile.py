@@ -53,8 +53,8 @@ def int_list(text: str, what: str) -> list[int]:
 def run(args) -> dict:
     """Build the target, compile, print the report(s); returns what --json writes."""
     from configs import ConfigError, load_config
-    from training import aot
-    from training.topology import parse_topology, topology_devices
+    from aot import compile_train as aot
+    from aot.topology import parse_topology, topology_devices
 
     topo = parse_topology(args.topology, args.slices)  # bad names fail before any slow work
     cfg = aot.target_config(load_config(args.config, args.overrides), topo)
@@ -62,12 +62,12 @@ def run(args) -> dict:
     devices = topology_devices(topo)
     print(topo.describe(), flush=True)
     if args.serve:
-        from training import aot_serve
+        from aot import compile_serve as aot_serve
         report = aot_serve.estimate(cfg, topo, devices)
         print(aot_serve.format_report(report))
         return report
     if args.suggest:
-        from training import aot_suggest
+        from aot import suggest as aot_suggest
         remats = [r.strip() for r in args.remats.split(",") if r.strip()]
         bad = [r for r in remats if r not in ("none", "full", "save_dots", "minimal")]
         if bad:
@@ -80,7 +80,7 @@ def run(args) -> dict:
     compiled = report.pop("compiled", None)
     print(aot.format_report(report))
     if args.save:
-        from training.executable import save_executable
+        from aot.executable import save_executable
         path = save_executable(args.save, compiled, cfg, topo.name, devices)
         print(f"saved the compiled train step to {path} (train.py: train.compiled_step={args.save})")
     return report

@@ -101,7 +101,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from training.platforms import skip_absent_tpu
+    from sharding.platforms import skip_absent_tpu
     skip_absent_tpu()  # before jax starts its backends: no libtpu start-up errors on hosts without TPU
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from configs import ConfigError

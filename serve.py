@@ -58,7 +58,7 @@ def warmup(engine, log) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from training.platforms import skip_absent_tpu
+    from sharding.platforms import skip_absent_tpu
     skip_absent_tpu()  # before jax starts its backends: no libtpu start-up errors on hosts without TPU
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     log = logging.getLogger("tessera.serve")

@@ -46,7 +46,7 @@ def dry_run(spec, extra, prepare_cmd) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from training.platforms import skip_absent_tpu
+    from sharding.platforms import skip_absent_tpu
     skip_absent_tpu()  # before jax starts its backends: no libtpu start-up errors on hosts without TPU
     from sweeps.spec import SweepError, load_sweep
     from configs import ConfigError

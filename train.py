@@ -44,7 +44,7 @@ def print_samples(trainer, n: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from training.platforms import skip_absent_tpu
+    from sharding.platforms import skip_absent_tpu
     skip_absent_tpu()  # before jax starts its backends: no libtpu start-up errors on hosts without TPU
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from configs import ConfigError, load_config
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             import jax
-            from training.dry_run import describe
+            from aot.dry_run import describe
             print(describe(cfg, args.devices or jax.device_count()))
             return 0
         from training import distributed
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         from training.loop import Trainer
         trainer = Trainer(cfg)
         if cfg.train.compiled_step:  # a step compiled ahead of time by compile.py --save
-            from training.executable import use_saved_step
+            from aot.executable import use_saved_step
             use_saved_step(trainer)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

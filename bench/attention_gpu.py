@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine_load import load_report  # noqa: E402
-from training.platforms import skip_absent_tpu  # noqa: E402
+from sharding.platforms import skip_absent_tpu  # noqa: E402
 
 skip_absent_tpu()  # a GPU host with libtpu installed would otherwise try (and log) TPU first
 

@@ -32,7 +32,7 @@ from model.quant import quantize_params, tree_nbytes  # noqa: E402
 from serving.engine import Engine, Request  # noqa: E402
 from serving.load import serving_config, serving_mesh  # noqa: E402
 from serving.sampling import SamplingParams  # noqa: E402
-from sharding.init import create_sharded_model  # noqa: E402
+from model.init import create_sharded_model  # noqa: E402
 
 
 class NoTokenizer:

@@ -58,7 +58,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, mesh=None, overrides: lis
     """Convert an HF directory into a Tessera run directory: config.yaml, checkpoints/0/params,
     the tokenizer files and generation_config.json. Params are sharded on `mesh` (default: the
     config's mesh over all devices) while in memory. Returns the written Config."""
-    from training.checkpoint import save_params
+    from store.checkpoint import save_params
     hf_dir = Path(hf_dir)
     cfg = hf_config(hf_dir, overrides)
     mesh = _default_mesh(cfg) if mesh is None else mesh
@@ -87,7 +87,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, mesh=None, dtype: str | 
     """Write a Tessera run directory as an HF directory that transformers loads: config.json,
     generation_config.json, model.safetensors (or shards + index) and the tokenizer files.
     `dtype` (float32 | bfloat16 | float16) defaults to model.param_dtype. Returns weight files."""
-    from training.checkpoint import load_params, read_config
+    from store.checkpoint import load_params, read_config
     run_dir = Path(run_dir)
     cfg = read_config(run_dir, list(overrides))
     dtype = dtype or cfg.model.param_dtype

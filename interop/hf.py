@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit code (2 for bad input, with a one-line message)."""
     args = build_parser().parse_args(argv)
-    from training.platforms import skip_absent_tpu
+    from sharding.platforms import skip_absent_tpu
     skip_absent_tpu()  # before jax starts its backends: no libtpu start-up errors on hosts without TPU
     from interop.convert import export_hf, import_hf
     try:

@@ -44,7 +44,7 @@ def checkpoint_config(path: str | Path, overrides: list[str] | tuple = ()) -> Co
     """The Config of either kind of directory, without reading any weights."""
     p = Path(path)
     if _kind(p) == "tessera":
-        from training.checkpoint import read_config
+        from store.checkpoint import read_config
         return read_config(p, list(overrides))
     return hf_config(p, overrides)
 
@@ -58,8 +58,8 @@ def adopt_architecture(cfg: Config, source: Config) -> Config:
 
 def load_hf_params(hf_dir: str | Path, cfg: Config, mesh, rules: str | None = None, progress: bool = True):
     """(graphdef, params state) of an HF directory, sharded on `mesh` under `rules`."""
-    from sharding.init import param_shardings
-    from training.checkpoint import abstract_pure
+    from model.init import param_shardings
+    from store.checkpoint import abstract_pure
     graphdef, abstract, shardings = param_shardings(cfg, mesh, rules)
     params = load_params_from_hf(hf_dir, cfg.model, abstract_pure(abstract, shardings), progress)
     nnx.replace_by_pure_dict(abstract, params)
@@ -82,7 +82,7 @@ def load_checkpoint(path: str | Path, mesh, rules: str | None = None, overrides:
     p = Path(path)
     cfg = checkpoint_config(p, overrides)
     if _kind(p) == "tessera":
-        from training.checkpoint import load_params
+        from store.checkpoint import load_params
         graphdef, params = load_params(p, cfg, mesh, rules)
     else:
         graphdef, params = load_hf_params(p, cfg, mesh, rules, progress)

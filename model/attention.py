@@ -41,7 +41,7 @@ def resolve_impl(impl: str, *, logit_softcap: float = 0.0, platform: str | None 
     return "xla"
 
 
-# Set while compiling ahead of time for another platform (training/aot.py: a TPU topology from a
+# Set while compiling ahead of time for another platform (aot/compile_train.py: a TPU topology from a
 # CPU host), so the pallas path builds that platform's kernels, not their interpret-mode emulation.
 _TARGET: contextvars.ContextVar = contextvars.ContextVar("attention_compile_target", default=None)
 

@@ -4,7 +4,7 @@ mesh), optional int8 quantization, tokenizer. Also the int8 checkpoint format.
 Sources, in order: an int8 checkpoint written by `python -m serving.quantize` (RUN_DIR/int8.json
 beside a params-only orbax checkpoint whose QArrays are {'int8', 'scale'} dicts); a Tessera run
 directory or Hugging Face directory through `interop.load.load_checkpoint` when that module exists;
-otherwise a Tessera run directory through training.checkpoint.
+otherwise a Tessera run directory through store.checkpoint.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from configs import Config, ConfigError
 from model.quant import CONTRACT_AXES, VOCAB_WEIGHTS, from_storable, quantize_params, to_storable
 from sharding.mesh import AXES
-from training.checkpoint import (Checkpointer, abstract_pure, load_params, read_config,
+from store.checkpoint import (Checkpointer, abstract_pure, load_params, read_config,
                                  write_config)
 
 INT8_MARKER = "int8.json"
@@ -76,7 +76,7 @@ def _scale_spec(spec: PartitionSpec, ndim: int, contracted) -> PartitionSpec:
 
 def _abstract_int8(cfg: Config, mesh: Mesh, embedding: bool) -> dict:
     """ShapeDtypeStructs (with shardings) of an int8 checkpoint's storable params."""
-    from sharding.init import param_shardings
+    from model.init import param_shardings
     _, abstract, shardings = param_shardings(cfg, mesh, "serve_tp")
     pure = abstract_pure(abstract, shardings)
 

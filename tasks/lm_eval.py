@@ -54,7 +54,7 @@ def load_lm(path: str | Path, mesh) -> LoadedLM:
     from flax import nnx
     from interop.load import load_checkpoint
     if (Path(path) / "config.yaml").is_file():  # check before restoring: a classifier's params differ
-        from training.checkpoint import read_config
+        from store.checkpoint import read_config
         if read_config(path).task.kind != "lm":
             raise ConfigError(f"{path} is a {read_config(path).task.kind} checkpoint, not a language model; "
                               "use `evaluate.py classify`")

@@ -16,8 +16,8 @@ import optax
 from flax import nnx
 
 from configs import load_config
-from sharding.init import create_sharded_model
-from training.checkpoint import save_params
+from model.init import create_sharded_model
+from store.checkpoint import save_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,7 +101,7 @@ def reference_greedy(cfg, params: dict, prompt: list[int], n: int) -> list[int]:
     Each forward runs on the sequence right-padded to max_seq_len (one compile); causal
     attention makes the logits at real positions independent of the padding.
     """
-    from sharding.init import abstract_model
+    from model.init import abstract_model
     graphdef, abstract = nnx.split(abstract_model(cfg))
     nnx.replace_by_pure_dict(abstract, params)
     T = cfg.model.max_seq_len
@@ -137,7 +137,7 @@ def reference_logprobs(cfg, params: dict, tokens: list[int], decode_from: int | 
     exact ones (what prefill attends over): the cache's own rounding and nothing else.
     """
     import model.transformer as transformer
-    from sharding.init import abstract_model
+    from model.init import abstract_model
     graphdef, state = nnx.split(abstract_model(cfg))
     nnx.replace_by_pure_dict(state, params)
     exact_attention = transformer.attention

@@ -120,7 +120,7 @@ def test_init_from_language_model_checkpoint(tmp_path):
     from flax import nnx
     from tasks.classify.dataset import train_tokenizer
     from tasks.classify.train import ClassifyRun
-    from training.checkpoint import save_params
+    from store.checkpoint import save_params
     from model.transformer import Transformer
     lm_cfg = load_config("configs/tiny.yaml", TINY)
     lm_dir = tmp_path / "lm"

@@ -12,9 +12,9 @@ import pytest
 
 import compile as compile_cli
 from configs import ConfigError, load_config
-from training import aot, aot_suggest
-from training.executable import check_compatible, load_executable, save_executable
-from training.topology import GiB, libtpu_available, parse_topology, topology_devices
+from aot import compile_train as aot, suggest as aot_suggest
+from aot.executable import check_compatible, load_executable, save_executable
+from aot.topology import GiB, libtpu_available, parse_topology, topology_devices
 
 NO_LIBTPU = libtpu_available()
 needs_libtpu = pytest.mark.skipif(NO_LIBTPU is not None, reason=f"libtpu cannot describe TPUs here: {NO_LIBTPU}")

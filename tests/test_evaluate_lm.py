@@ -20,7 +20,7 @@ TEXT = ["def add(a, b):\n    return a + b\n", "class Point:\n    x = 0\n    y = 
 def lm_dir(tmp_path_factory):
     """A random tiny LM saved as a Tessera run directory with a trained tokenizer."""
     from model.transformer import Transformer
-    from training.checkpoint import save_params
+    from store.checkpoint import save_params
     tmp = tmp_path_factory.mktemp("lm")
     cfg = load_config("configs/tiny.yaml", TINY)
     model = Transformer(cfg.model, rngs=nnx.Rngs(3))

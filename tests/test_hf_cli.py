@@ -24,7 +24,7 @@ from interop.hf import main  # noqa: E402
 from interop.load import load_checkpoint  # noqa: E402
 from interop.tokenizers import HFTokenizer  # noqa: E402
 from sharding.mesh import make_mesh  # noqa: E402
-from training.checkpoint import write_config  # noqa: E402
+from store.checkpoint import write_config  # noqa: E402
 from conftest import ROOT  # noqa: E402
 
 TEXT = "Hello, wörld! Привет мир. 你好，世界。 🙂"
@@ -151,12 +151,12 @@ def test_missing_shard_fails_cleanly(tmp_path, capsys):
 
 
 def test_failure_while_writing_leaves_nothing(hf_dir, tmp_path, capsys, monkeypatch):
-    import training.checkpoint
+    import store.checkpoint
 
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(training.checkpoint, "save_params", disk_full)
+    monkeypatch.setattr(store.checkpoint, "save_params", disk_full)
     out_dir = tmp_path / "out"
     with pytest.raises(OSError):
         main(["import", str(hf_dir), str(out_dir), "--quiet"])

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from training import platforms
+from sharding import platforms
 
 
 def test_host_has_tpu_looks_for_accel_and_vfio_group_devices(tmp_path):
@@ -49,7 +49,7 @@ def test_installed_plugins_finds_namespace_modules(tmp_path, monkeypatch):
 
 SNIPPET = """
 import os, sys
-from training import platforms
+from sharding import platforms
 platforms.host_has_tpu = lambda: False
 platforms.installed_plugins = lambda: set()
 if sys.argv[1] == "late":
@@ -76,7 +76,7 @@ def test_skip_absent_tpu_sets_cpu_before_or_after_jax_import(when):
 
 def test_explicit_jax_platforms_is_left_alone():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    code = "from training import platforms; print(platforms.skip_absent_tpu())"
+    code = "from sharding import platforms; print(platforms.skip_absent_tpu())"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.stdout.strip() == "None"

@@ -7,7 +7,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs import load_config
-from sharding.init import create_sharded_model
+from model.init import create_sharded_model
 from sharding.mesh import make_mesh
 from sharding.rules import RULES
 

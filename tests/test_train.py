@@ -100,7 +100,7 @@ def test_resume_after_sigkill_matches_straight_run(corpus, tmp_path):
     assert all(a[s] == b[s] for s in range(saved[-1] + 1, 161)), "losses after the restart differ"
     # the data position travels with every checkpoint (the resumed run reads batches from there)
     import orbax.checkpoint as ocp
-    from training.checkpoint import Checkpointer
+    from store.checkpoint import Checkpointer
     ckpt = Checkpointer(tmp_path / "b", async_save=False)
     newest = finished_steps(tmp_path / "b")[-1]
     meta = ckpt.manager.restore(newest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -142,7 +142,7 @@ def test_sigterm_saves_then_partial_checkpoint_is_skipped(corpus, tmp_path):
 def test_restore_onto_a_different_mesh(corpus, tmp_path):
     from configs import load_config
     from sharding.mesh import make_mesh
-    from training.checkpoint import Checkpointer
+    from store.checkpoint import Checkpointer
     from training.optimizer import make_optimizer
     from training.state import abstract_with_shardings, init_train_state, state_layout
     base = small(corpus, tmp_path)[1:] + ["model.n_heads=4", "model.n_kv_heads=4"]
@@ -237,13 +237,13 @@ def test_fine_tune_from_a_tessera_checkpoint_starts_from_its_weights(corpus, exi
                       "train.eval_every=1", "model.d_model=64"))  # the architecture comes from init_from
     assert out.returncode == 0, out.stderr
     from configs import load_config
-    from training.checkpoint import Checkpointer, read_config
+    from store.checkpoint import Checkpointer, read_config
     from training.loop import Trainer
     from training.state import abstract_with_shardings, init_train_state
     assert read_config(tmp_path / "ft").model.d_model == 32
     ft_val = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()][0]["val_loss"]
     # The same fine-tune in process: its starting params are the source checkpoint's (read back
-    # from existing_run/checkpoints with training.checkpoint), not the fresh init of its seed.
+    # from existing_run/checkpoints with store.checkpoint), not the fresh init of its seed.
     args = small(corpus, tmp_path / "ip", f"train.init_from={existing_run}", "train.steps=0")
     trainer = Trainer(load_config(args[0], args[1:]), log_enabled=False)
     try:

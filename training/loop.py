@@ -21,7 +21,7 @@ from configs import Config, ConfigError, to_dict
 from configs.loader import validate
 from model.stats import flops_per_token
 from sharding.mesh import make_mesh
-from training.checkpoint import Checkpointer, write_config
+from store.checkpoint import Checkpointer, write_config
 from training.metrics import MetricsLogger, peak_flops, throughput
 from training.optimizer import learning_rate, make_optimizer
 from training.state import abstract_with_shardings, init_train_state, state_layout

@@ -9,7 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import Config
 from model.transformer import Transformer
-from sharding.init import match_shardings, param_shardings, pure_shardings
+from model.init import match_shardings, param_shardings, pure_shardings
 
 
 def state_layout(cfg: Config, mesh: Mesh, optimizer: optax.GradientTransformation):

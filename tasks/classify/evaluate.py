@@ -20,7 +20,7 @@ from tasks.classify.metrics import classification_metrics
 def load_classifier(run_dir: str | Path, mesh, overrides=()):
     """(cfg, graphdef, params, tokenizer, LabelMap) of a classification run directory."""
     from interop.tokenizers import has_tokenizer, load_tokenizer_dir
-    from training.checkpoint import Checkpointer, read_config
+    from store.checkpoint import Checkpointer, read_config
     from training.state import abstract_with_shardings
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from configs import Config, ModelConfig
 from model.layers import param
 from model.transformer import Transformer
-from sharding.init import match_shardings, pure_shardings
+from model.init import match_shardings, pure_shardings
 from sharding.rules import BATCH, RULES, state_shardings
 
 BATCH_KEYS = ("tokens", "lengths", "labels", "valid")

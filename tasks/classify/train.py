@@ -109,7 +109,7 @@ class ClassifyRun:
 
     def __init__(self, cfg: Config, log_enabled: bool = True):
         from sharding.mesh import make_mesh
-        from training.checkpoint import Checkpointer, write_config
+        from store.checkpoint import Checkpointer, write_config
         from training.metrics import MetricsLogger
         from training.optimizer import learning_rate, make_optimizer
         from training.state import abstract_with_shardings
@@ -150,7 +150,7 @@ class ClassifyRun:
                 cfg.data, seq_len=min(cfg.data.seq_len, model.max_seq_len)))
             init_backbone = nnx.to_pure_dict(lm_params)
         elif resuming:
-            from training.checkpoint import read_config
+            from store.checkpoint import read_config
             cfg = dataclasses.replace(cfg, model=read_config(run_dir).model)
         self.cfg = cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, num_classes=C))
         validate(cfg)

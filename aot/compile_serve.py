@@ -19,11 +19,11 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from configs import Config, ConfigError
-from sharding.init import param_shardings
+from model.init import param_shardings
 from sharding.mesh import AXES
-from training import aot
+from aot import compile_train as aot
 from training.state import abstract_with_shardings
-from training.topology import Topology
+from aot.topology import Topology
 
 
 def serve_mesh(cfg: Config, topo: Topology, devices) -> tuple[Config, Mesh]:

@@ -31,7 +31,7 @@ from sharding.mesh import check_divisibility, make_mesh, mesh_shape
 from training.optimizer import learning_rate, make_optimizer
 from training.state import abstract_with_shardings, state_layout
 from training.step import BATCH_KEYS, batch_sharding, jit_train_step
-from training.topology import GiB, Topology
+from aot.topology import GiB, Topology
 
 MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 

@@ -7,7 +7,7 @@ from flax import nnx
 
 from configs import Config, to_dict
 from model.stats import flops_per_token, param_count
-from sharding.init import abstract_model
+from model.init import abstract_model
 from sharding.mesh import AXES, check_divisibility, mesh_shape
 from sharding.rules import RULES, state_specs
 

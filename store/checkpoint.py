@@ -118,7 +118,7 @@ def abstract_pure(state, shardings) -> dict:
 
 def load_params(run_dir: str | Path, cfg: Config, mesh, rules: str | None = None):
     """Restore the newest params of a run directory onto `mesh` under `rules`: (graphdef, state)."""
-    from sharding.init import param_shardings
+    from model.init import param_shardings
     graphdef, abstract, shardings = param_shardings(cfg, mesh, rules)
     if not (Path(run_dir) / "checkpoints").is_dir():
         raise ConfigError(f"{run_dir} has no checkpoints/ directory")

@@ -2,7 +2,7 @@
 
 Search, per remat policy: compile the scanned step (memory is exact and takes one compile) at
 each per-chip batch from the largest down, and stop at the first that fits; then time that one
-with the 1- and 2-layer unrolled compiles (training.aot.extrapolated_cost). Only the largest
+with the 1- and 2-layer unrolled compiles (aot.compile_train.extrapolated_cost). Only the largest
 fitting batch of a policy is timed: under the compiler's roofline estimate tokens/s per chip does
 not fall as the batch grows (the weights' gathers and the optimizer update are per step, not per
 row), so smaller batches of the same policy cannot win. The winner has the most tokens/s per chip.
@@ -13,8 +13,8 @@ from typing import Callable
 
 from configs import Config
 from model.stats import flops_per_token
-from training import aot
-from training.topology import Topology
+from aot import compile_train as aot
+from aot.topology import Topology
 
 
 def candidate(cfg: Config, remat: str, rows_per_shard: int, dp: int) -> Config:

@@ -1,0 +1,1 @@
+"""Ahead-of-time compilation: training and serving programs for any topology, from shapes alone."""

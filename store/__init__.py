@@ -1,0 +1,1 @@
+"""Run directories: the resolved config, orbax checkpoints, tokenizer files."""
