@@ -1,10 +1,16 @@
-"""A Llama-family decoder as an NNX module: per-layer weights stacked along L and run under scan.
+"""A Llama-family decoder: weights in an NNX module, the forward pass as pure functions of them.
 
-Weights are plain arrays with a leading layer axis, so one block function serves scan, the
-unrolled loop, remat and the serving engine. Variants by config: GQA, tied embeddings, q/k/v
-bias (Qwen2), q/k RMSNorm (Qwen3), sliding window (Mistral), Llama-3 RoPE scaling.
+Weights are plain arrays with a leading layer axis, run under scan. `block` is the only decoder
+layer: training, evaluation, classification, serving prefill and decode all run it, and differ
+only in the `attend` function they hand it (full attention over the rows themselves, or writes
+into and reads from the paged KV cache, serving/decode.py) and the `state` it threads through the
+layers (the cache). int8 weights (model/quant.py QArrays) go through the same `linear` and
+`embed`. Variants by config: GQA, tied embeddings, q/k/v bias (Qwen2), q/k RMSNorm (Qwen3),
+sliding window (Mistral), Llama-3 RoPE scaling.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +20,7 @@ from configs import ModelConfig
 from model.attention import attention
 from model.kernels.reference import default_positions
 from model.layers import apply_rope, compute_dtype, linear, param, rms_norm, rope_frequencies
+from model.quant import QArray, take_rows
 from sharding.rules import constrain
 
 REMAT_POLICIES = {
@@ -21,6 +28,9 @@ REMAT_POLICIES = {
     "save_dots": jax.checkpoint_policies.dots_saveable,
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+# attend(q [B,T,N,H], k, v [B,T,K,H], layer index, state) -> (attention output [B,T,N,H], state)
+Attend = Callable[..., tuple[jax.Array, object]]
 
 
 class Layers(nnx.Module):
@@ -69,24 +79,85 @@ def mlp(p: dict, x: jax.Array, rules: str) -> jax.Array:
     return linear("BTF,FD->BTD", h, p["w_down"])
 
 
-def block(p: dict, x: jax.Array, positions, segment_ids, cfg: ModelConfig, rules: str) -> jax.Array:
-    """One pre-norm decoder block on [B,T,D] with full (training/prefill) attention."""
-    inv_freq = rope_frequencies(cfg)
+def full_attention(cfg: ModelConfig, positions, segment_ids=None) -> Attend:
+    """`attend` for causal attention of rows over themselves: training, evaluation, prefill."""
+    def attend(q, k, v, layer, state):
+        out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                        q_positions=positions, kv_positions=positions, causal=True,
+                        sliding_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap,
+                        impl=cfg.attention_impl, block_q=cfg.attn_block_q, block_kv=cfg.attn_block_kv)
+        return out, state                                                   # [B,T,N,H]
+    return attend
+
+
+def block(p: dict, x: jax.Array, positions, attend: Attend, layer, state, cfg: ModelConfig, rules: str):
+    """One pre-norm decoder block on x [B,T,D] -> (x [B,T,D], attention state)."""
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q, k, v = project_qkv(p, h, positions, cfg, inv_freq)
+    q, k, v = project_qkv(p, h, positions, cfg, rope_frequencies(cfg))
     q = constrain(q, ("batch", "seq", "act_heads", None), rules)
-    attn = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                     q_positions=positions, kv_positions=positions, causal=True,
-                     sliding_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap,
-                     impl=cfg.attention_impl, block_q=cfg.attn_block_q,
-                     block_kv=cfg.attn_block_kv)                               # [B,T,N,H]
+    attn, state = attend(q, k, v, layer, state)                             # [B,T,N,H]
     x = x + linear("BTNH,NHD->BTD", attn, p["wo"])
     x = x + mlp(p, rms_norm(x, p["mlp_norm"], cfg.norm_eps), rules)
+    return constrain(x, ("batch", "seq", "act_embed"), rules), state
+
+
+def embed(params: dict, tokens: jax.Array, cfg: ModelConfig, rules: str) -> jax.Array:
+    """tokens [B,T] -> [B,T,D] in the compute dtype, from a float or a row-quantized int8 table."""
+    table = params["embedding"]                                             # [V,D]
+    if not isinstance(table, QArray):
+        # Gather from a replicated table: a lookup into a sharded table makes XLA replicate anyway.
+        table = constrain(table, (None, None), rules)
+    x = take_rows(table, tokens, compute_dtype(cfg))
     return constrain(x, ("batch", "seq", "act_embed"), rules)
 
 
+def decoder(params: dict, x: jax.Array, positions, attend: Attend, cfg: ModelConfig, rules: str,
+            state=None, *, remat: str = "none", scan: bool = True):
+    """The L blocks over embedded x [B,T,D] -> (final-normed hidden [B,T,D], attention state).
+
+    `state` rides along the layers (the paged KV cache when serving), so with donation XLA
+    updates it in place; `remat` is a REMAT_POLICIES key, for training only.
+    """
+    def step(carry, xs):
+        (x, state), (p, layer) = carry, xs
+        return block(p, x, positions, attend, layer, state, cfg, rules), None
+
+    if remat != "none":
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat])
+    xs = (params["layers"], jnp.arange(cfg.n_layers, dtype=jnp.int32))
+    carry = (x, state)
+    if scan:
+        carry, _ = jax.lax.scan(step, carry, xs)
+    else:
+        for i in range(cfg.n_layers):
+            carry, _ = step(carry, jax.tree.map(lambda w: w[i], xs))
+    x, state = carry
+    return rms_norm(x, params["final_norm"], cfg.norm_eps), state
+
+
+def logits(params: dict, h: jax.Array, cfg: ModelConfig, rules: str) -> jax.Array:
+    """Hidden [B,T,D] -> fp32 logits [B,T,V]: tied or separate head, float or int8."""
+    w = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]  # [D,V]
+    out = linear("BTD,DV->BTV", h, w).astype(jnp.float32)
+    return constrain(out, ("batch", "seq", "act_vocab"), rules)
+
+
+def forward(params: dict, tokens, cfg: ModelConfig, rules: str, positions=None, segment_ids=None,
+            *, remat: str = "none", scan: bool = True) -> jax.Array:
+    """Cache-free forward of tokens [B,T] -> fp32 logits [B,T,V] over pure-dict params."""
+    B, T = tokens.shape
+    positions = default_positions(B, T) if positions is None else positions
+    attend = full_attention(cfg, positions, segment_ids)
+    h, _ = decoder(params, embed(params, tokens, cfg, rules), positions, attend, cfg, rules,
+                   remat=remat, scan=scan)
+    return logits(params, h, cfg, rules)
+
+
 class Transformer(nnx.Module):
-    """Decoder-only LM. `rules` names the logical-axis table used for activation constraints."""
+    """Decoder-only LM parameters; its methods run the pure functions above on them.
+
+    `rules` names the logical-axis table used for activation constraints.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, rules: str = "fsdp"):
         self.cfg, self.rules = cfg, rules
@@ -97,36 +168,29 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dt, std=cfg.init_std)
 
+    def params(self) -> dict:
+        """The weights as a pure dict of arrays (the layout the functions above take)."""
+        return nnx.to_pure_dict(nnx.state(self))
+
     def embed(self, tokens: jax.Array) -> jax.Array:
         """tokens [B,T] -> [B,T,D] in the compute dtype."""
-        # Gather from a replicated table: a lookup into a sharded table makes XLA replicate anyway.
-        table = constrain(self.embedding[...], (None, None), self.rules)  # [V,D]
-        x = jnp.take(table, tokens, axis=0).astype(compute_dtype(self.cfg))
-        return constrain(x, ("batch", "seq", "act_embed"), self.rules)
+        return embed(self.params(), tokens, self.cfg, self.rules)
 
     def backbone(self, tokens, positions=None, segment_ids=None) -> jax.Array:
-        """tokens [B,T] -> final normed hidden states [B,T,D]."""
+        """tokens [B,T] (positions, segment_ids [B,T] for packed rows) -> final hidden [B,T,D]."""
         cfg = self.cfg
         B, T = tokens.shape
         positions = default_positions(B, T) if positions is None else positions
         segment_ids = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
-        layer_params = nnx.to_pure_dict(nnx.state(self.layers))
-        step = lambda x, p: block(p, x, positions, segment_ids, cfg, self.rules)
-        if cfg.remat != "none":
-            step = jax.checkpoint(step, policy=REMAT_POLICIES[cfg.remat])
-        x = self.embed(tokens)
-        if cfg.scan_layers:
-            x, _ = jax.lax.scan(lambda x, p: (step(x, p), None), x, layer_params)
-        else:
-            for i in range(cfg.n_layers):
-                x = step(x, jax.tree.map(lambda w: w[i], layer_params))
-        return rms_norm(x, self.final_norm[...], cfg.norm_eps)
+        params = self.params()
+        attend = full_attention(cfg, positions, segment_ids)
+        h, _ = decoder(params, embed(params, tokens, cfg, self.rules), positions, attend, cfg, self.rules,
+                       remat=cfg.remat, scan=cfg.scan_layers)
+        return h
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Hidden [B,T,D] -> fp32 logits [B,T,V]."""
-        w = self.embedding[...].T if self.cfg.tie_embeddings else self.lm_head[...]  # [D,V]
-        logits = linear("BTD,DV->BTV", h, w).astype(jnp.float32)
-        return constrain(logits, ("batch", "seq", "act_vocab"), self.rules)
+        return logits(self.params(), h, self.cfg, self.rules)
 
     def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
         """tokens [B,T] (positions, segment_ids [B,T] for packed rows) -> logits [B,T,V]."""

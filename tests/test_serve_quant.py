@@ -9,7 +9,7 @@ import pytest
 
 import serve_helpers as H
 from model.quant import QArray, quantize, quantize_params, tree_nbytes
-from serving.decode import full_forward
+from model.transformer import forward
 from serving.load import load_for_serving, save_int8
 
 
@@ -60,7 +60,7 @@ def test_int8_bytes_and_quality_vs_bf16(trained):
     x = ids[: n * T + 1]
     inputs = x[:-1].reshape(n, T)                       # [B,T]
     targets = x[1:].reshape(n, T)
-    fwd = jax.jit(lambda p, t: full_forward(p, t, cfg=cfg))
+    fwd = jax.jit(lambda p, t: forward(p, t, cfg.model, cfg.mesh.rules))
     lb, lq = fwd(bf16, inputs), fwd(q, inputs)          # [B,T,V]
     agree = float(jnp.mean(jnp.argmax(lb, -1) == jnp.argmax(lq, -1)))
     nll = lambda lg: float(-jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg), targets[..., None], -1)))
@@ -80,6 +80,32 @@ def test_offline_int8_checkpoint_roundtrip(trained, tmp_path):
     for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(q2)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert type(q2["layers"]["w_up"]) is QArray
+
+
+def test_int8_checkpoint_carries_the_tokenizer_files(trained, tmp_path):
+    """save_int8 stores the tokenizer under the name the loader reads (tokenizer.json stays JSON),
+    with the files beside it in an HF layout that set the chat template and stop ids."""
+    from interop.tokenizers import HFTokenizer, load_tokenizer_dir
+    tokenizers = pytest.importorskip("tokenizers")
+    _, cfg, _, tok = trained
+    params = {"w": jnp.zeros((2,), jnp.float32)}
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
+    (hf / "tokenizer_config.json").write_text('{"chat_template": "{{ messages[0].content }}"}')
+    (hf / "generation_config.json").write_text('{"eos_token_id": [2, 5]}')
+    save_int8(str(tmp_path / "sp"), cfg, params, str(hf / "tokenizer.model"))
+    sp = load_tokenizer_dir(tmp_path / "sp")
+    assert sp.vocab_size == tok.vocab_size and sp.eos_ids == (2, 5)
+    assert sp.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "hi": 1}, unk_token="<unk>"))
+    words.save(str(hf / "tokenizer.json"))
+    save_int8(str(tmp_path / "json"), cfg, params, str(hf / "tokenizer.json"))
+    assert isinstance(load_tokenizer_dir(tmp_path / "json"), HFTokenizer)
+    other = tmp_path / "elsewhere.model"  # a data.tokenizer file of any name: just the model
+    other.write_bytes(open(tok.path, "rb").read())
+    save_int8(str(tmp_path / "plain"), cfg, params, str(other))
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir() if "tokenizer" in p.name) == ["tokenizer.model"]
 
 
 def test_cli_bad_checkpoint_exits_2(tmp_path):
