@@ -142,15 +142,21 @@ def logits(params: dict, h: jax.Array, cfg: ModelConfig, rules: str) -> jax.Arra
     return constrain(out, ("batch", "seq", "act_vocab"), rules)
 
 
-def forward(params: dict, tokens, cfg: ModelConfig, rules: str, positions=None, segment_ids=None,
-            *, remat: str = "none", scan: bool = True) -> jax.Array:
-    """Cache-free forward of tokens [B,T] -> fp32 logits [B,T,V] over pure-dict params."""
+def hidden(params: dict, tokens, cfg: ModelConfig, rules: str, positions=None, segment_ids=None,
+           *, remat: str = "none", scan: bool = True) -> jax.Array:
+    """Cache-free pass of tokens [B,T] (positions, segment_ids [B,T] for packed rows) over
+    pure-dict params -> final hidden [B,T,D]."""
     B, T = tokens.shape
     positions = default_positions(B, T) if positions is None else positions
     attend = full_attention(cfg, positions, segment_ids)
     h, _ = decoder(params, embed(params, tokens, cfg, rules), positions, attend, cfg, rules,
                    remat=remat, scan=scan)
-    return logits(params, h, cfg, rules)
+    return h
+
+
+def forward(params: dict, tokens, cfg: ModelConfig, rules: str, positions=None, segment_ids=None) -> jax.Array:
+    """Cache-free tokens [B,T] -> fp32 logits [B,T,V] (the reference the serving tests use)."""
+    return logits(params, hidden(params, tokens, cfg, rules, positions, segment_ids), cfg, rules)
 
 
 class Transformer(nnx.Module):
@@ -178,15 +184,8 @@ class Transformer(nnx.Module):
 
     def backbone(self, tokens, positions=None, segment_ids=None) -> jax.Array:
         """tokens [B,T] (positions, segment_ids [B,T] for packed rows) -> final hidden [B,T,D]."""
-        cfg = self.cfg
-        B, T = tokens.shape
-        positions = default_positions(B, T) if positions is None else positions
-        segment_ids = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
-        params = self.params()
-        attend = full_attention(cfg, positions, segment_ids)
-        h, _ = decoder(params, embed(params, tokens, cfg, self.rules), positions, attend, cfg, self.rules,
-                       remat=cfg.remat, scan=cfg.scan_layers)
-        return h
+        return hidden(self.params(), tokens, self.cfg, self.rules, positions, segment_ids,
+                      remat=self.cfg.remat, scan=self.cfg.scan_layers)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Hidden [B,T,D] -> fp32 logits [B,T,V]."""
