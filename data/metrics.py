@@ -8,23 +8,9 @@ import numpy as np
 
 
 def token_bytes(tokenizer) -> np.ndarray:
-    """UTF-8 bytes each token id stands for, int32 [V].
-
-    Byte-fallback pieces (<0x0A>) count 1, '▁' counts as one space byte, control and unknown
-    tokens (pad, bos, eos, unk) count 0.
-    """
-    if hasattr(tokenizer, "token_bytes"):  # Hugging Face tokenizers know their own byte lengths
-        return np.asarray(tokenizer.token_bytes(), np.int32)
-    sp = tokenizer.sp
-    out = np.zeros(sp.get_piece_size(), dtype=np.int32)
-    for i in range(len(out)):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-            continue
-        if sp.is_byte(i):
-            out[i] = 1
-        else:
-            out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-    return out
+    """UTF-8 bytes each token id stands for, int32 [V] (every tokenizer defines its own
+    `token_bytes`: control and unknown ids count 0, byte pieces 1)."""
+    return np.asarray(tokenizer.token_bytes(), np.int32)
 
 
 def bits_per_byte(nll_nats_sum: float, n_bytes: float) -> float:

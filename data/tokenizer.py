@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from data.corpus import split_documents, stable_fraction
@@ -30,10 +31,12 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 class Tokenizer:
-    """A SentencePiece model with the ids the data pipeline needs.
+    """A SentencePiece model: Tessera's one sentencepiece wrapper (interop.tokenizers adds the
+    special tokens and chat template of a Hugging Face directory on top of it).
 
-    Attributes: sp (SentencePieceProcessor), path, vocab_size, bos_id, eos_id, pad_id (pad falls back
-    to 0 for foreign models without one: padded positions are masked out anyway).
+    Attributes: sp (SentencePieceProcessor), path, vocab_size, bos_id, eos_id (-1 when the model
+    defines none), pad_id (pad falls back to 0 for foreign models without one: padded positions
+    are masked out anyway).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -44,13 +47,12 @@ class Tokenizer:
             raise DataError(f"tokenizer file {self.path} is not a valid sentencepiece model") from None
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        if self.bos_id < 0 or self.eos_id < 0:
-            raise DataError(f"tokenizer file {self.path} defines no bos/eos pieces")
         self.pad_id = max(self.sp.pad_id(), 0)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text` (no bos/eos added)."""
-        return self.sp.encode(text)
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`, no special tokens added (a leading BOS when add_bos)."""
+        ids = self.sp.encode(text)
+        return [self.bos_id] + ids if add_bos and self.bos_id >= 0 else ids
 
     def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
         """Token ids of many texts, encoded by sentencepiece's C++ threads (the GIL is released)."""
@@ -59,6 +61,16 @@ class Tokenizer:
     def decode(self, ids) -> str:
         """Text of token ids; control ids (pad/bos/eos) decode to nothing."""
         return self.sp.decode([int(i) for i in ids])
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for, int32 [V]: byte-fallback pieces (<0x0A>) 1, '▁' one
+        space byte, control, unknown and unused pieces (pad, bos, eos, unk) 0."""
+        sp, out = self.sp, np.zeros(self.vocab_size, np.int32)
+        for i in range(len(out)):
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                continue
+            out[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return out
 
 
 def _sample_lines(docs: list[str], max_bytes: int):
@@ -112,7 +124,8 @@ def load_tokenizer(cfg, run_dir: str | os.PathLike) -> Tokenizer:
     """The run's tokenizer: data.tokenizer if set, else RUN_DIR/tokenizer.model, trained if missing.
 
     A trained tokenizer has model.vocab_size pieces with pad=0, bos=1, eos=2, unk=3 and byte fallback;
-    its vocabulary must fit model.vocab_size (the embedding table) either way.
+    either way its vocabulary must fit model.vocab_size (the embedding table) and it must define bos
+    and eos (documents are stored as bos + tokens + eos).
     """
     want = cfg.model.vocab_size
     if cfg.data.tokenizer:
@@ -126,6 +139,8 @@ def load_tokenizer(cfg, run_dir: str | os.PathLike) -> Tokenizer:
         else:
             docs = split_documents(cfg, "train")
             tok = train_tokenizer(docs, want, path, cfg.data.tokenizer_sample_bytes)
+    if tok.bos_id < 0 or tok.eos_id < 0:
+        raise DataError(f"tokenizer file {tok.path} defines no bos/eos pieces")
     if tok.vocab_size > want:
         raise DataError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but model.vocab_size is {want}")
     return tok

@@ -1,6 +1,7 @@
 """Tokenizers of Hugging Face and Tessera directories behind the `data.Tokenizer` interface.
 
-Both classes expose what data.Tokenizer has: .vocab_size, .encode(str) -> list[int],
+SentencePieceTokenizer is a data.Tokenizer; HFTokenizer wraps tokenizer.json. Both expose what
+data.Tokenizer has: .vocab_size, .encode(str) -> list[int],
 .encode_batch(list[str]) -> list[list[int]], .decode(list[int]) -> str, .bos_id, .eos_id, .pad_id
 (0 when the tokenizer defines no pad, as data.Tokenizer: padded positions are masked anyway),
 .path; plus .eos_ids (every stop id from tokenizer_config/generation_config), .token_bytes()
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.tokenizer import Tokenizer
 from interop.hf_config import HFError, read_json
 
 # Files that make up an HF tokenizer; import and export copy whichever exist.
@@ -151,18 +153,13 @@ class HFTokenizer(ChatTemplateMixin):
         return self._tok.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
 
 
-class SentencePieceTokenizer(ChatTemplateMixin):
-    """A sentencepiece tokenizer.model (Llama 2, Mistral, or one Tessera trained), with the chat
-    template and special tokens of a tokenizer_config.json beside it when there is one."""
+class SentencePieceTokenizer(ChatTemplateMixin, Tokenizer):
+    """A sentencepiece tokenizer.model (Llama 2, Mistral, or one Tessera trained): data.Tokenizer
+    with the chat template and special tokens of a tokenizer_config.json beside it when there is one."""
 
     def __init__(self, model_path: str | Path):
-        import sentencepiece as spm
-        self.path = str(model_path)
+        super().__init__(model_path)
         self.directory = Path(model_path).parent
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=self.path)
-        except (OSError, RuntimeError):
-            raise HFError(f"{self.path} is not a valid sentencepiece model") from None
         config = {**_json_if_exists(self.directory / "special_tokens_map.json"),
                   **_json_if_exists(self.directory / "tokenizer_config.json")}
         piece = lambda i: self.sp.id_to_piece(i) if i >= 0 else None
@@ -179,33 +176,6 @@ class SentencePieceTokenizer(ChatTemplateMixin):
             return -1
         tid = self.sp.piece_to_id(token)
         return tid if self.sp.id_to_piece(tid) == token else -1  # unknown pieces map to unk
-
-    @property
-    def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
-
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of `text` without special tokens (with a leading BOS when add_bos)."""
-        ids = self.sp.encode(text)
-        return [self.bos_id] + ids if add_bos and self.bos_id >= 0 else ids
-
-    def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
-        """Token ids of many texts, encoded by sentencepiece's C++ threads."""
-        return self.sp.encode(list(texts), num_threads=num_threads)
-
-    def token_bytes(self) -> np.ndarray:
-        """UTF-8 bytes each id stands for, int32 [V] (as data.metrics.token_bytes)."""
-        out = np.zeros(self.vocab_size, np.int32)
-        for i in range(len(out)):
-            if self.sp.is_control(i) or self.sp.is_unknown(i) or self.sp.is_unused(i):
-                continue
-            piece = self.sp.id_to_piece(i)
-            out[i] = 1 if self.sp.is_byte(i) else len(piece.replace("\u2581", " ").encode("utf-8"))
-        return out
-
-    def decode(self, ids: list[int]) -> str:
-        """Text of `ids` (control tokens such as BOS/EOS decode to nothing)."""
-        return self.sp.decode(list(map(int, ids)))
 
 
 def load_tokenizer_dir(path: str | Path):

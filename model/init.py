@@ -35,11 +35,6 @@ def create_sharded_model(cfg: Config, mesh: Mesh, rules: str | None = None, seed
     return graphdef, jax.jit(init, out_shardings=shardings)()
 
 
-def count_params(state) -> int:
-    """Exact number of parameters in an (abstract or concrete) state."""
-    return sum(int(x.size) for x in jax.tree.leaves(state))
-
-
 def pure_shardings(state_shardings_tree) -> dict:
     """The NamedSharding tree of an nnx.State in nnx's pure-dict layout (as train state uses)."""
     return nnx.to_pure_dict(state_shardings_tree)

@@ -11,9 +11,9 @@ slicing a stacked [L, ...] QArray under `lax.scan` slices both leaves consistent
   * act_quant=False: the int8 weight is converted to the activation dtype inside the matmul.
 Measured on these 2-core CPUs (x[B,1024] @ w[1024,4096], XLA): fp32 0.47 ms / 2.6 ms at
 B=1 / 16, int8-dequant 2.2 / 4.4 ms, int8 x int8 -> int32 1.2 / 0.96 ms; so W8A8 is the default.
-Caveat measured later: for one token against a large [768, 50304] output head, XLA's CPU int8 dot
-(either mode) takes ~100 ms against 7 ms in fp32, so on CPU keep a big vocab head in float
-(`quantize_params(..., embedding=False)`, `serve.py --no-int8-embedding` for tied heads).
+The exception is a large output head on CPU: for one token against [768, 50304], XLA's CPU int8
+dot (either mode) takes ~100 ms against 7 ms in fp32, so there keep the vocab-sized weights in
+float (`quantize_params(..., embedding=False)`, `serve.py --no-int8-embedding` for tied heads).
 """
 from __future__ import annotations
 
@@ -58,9 +58,6 @@ class QArray:
         if idx is Ellipsis:
             return self
         raise TypeError("index a QArray's rows with model.quant.take_rows")
-
-    def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        return (self.values.astype(jnp.float32) * self.scale).astype(dtype)
 
     def matmul(self, eq: str, x: jax.Array) -> jax.Array:
         """einsum(eq, x, w) with this int8 weight; result in x.dtype."""

@@ -85,10 +85,6 @@ class SweepSpec:
         """Every swept config key, in file order (linked keys listed separately)."""
         return [k for a in self.axes for k in a.keys]
 
-    def better(self, a: float, b: float) -> bool:
-        """True when metric value a beats b in this sweep's direction."""
-        return a < b if self.direction == "min" else a > b
-
 
 def format_value(value) -> str:
     """A YAML scalar/list as the right-hand side of a key=value override."""

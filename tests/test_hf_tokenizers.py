@@ -127,6 +127,8 @@ def test_specials_and_errors(bpe_dir, tmp_path):
 
 def test_sentencepiece_specials(sp_dir, tmp_path):
     tok = load_tokenizer_dir(sp_dir)
+    from data import Tokenizer
+    assert isinstance(tok, Tokenizer)  # the one sentencepiece wrapper, with HF specials on top
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)  # no pad piece: 0, as data.Tokenizer
     assert tok.path.endswith("tokenizer.model") and tok.sp.get_piece_size() == tok.vocab_size
     (tmp_path / "tokenizer.model").write_bytes(b"garbage")

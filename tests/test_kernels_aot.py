@@ -5,6 +5,7 @@ figures its shapes imply, and the GPU kernels lower to Triton for CUDA."""
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +90,49 @@ def test_tpu_flash_compiles(topology):
                                arguments=q_bytes + 2 * kv_bytes, outputs=outputs, slack_in=0,
                                slack_out=512,  # the grad's 3-tuple of results: a pointer table
                                temp_budget=budget)
+
+
+def _kernel_bytes_accessed(lowered) -> dict:
+    """{kernel name: bytes_accessed of its CostEstimate} from the tpu_custom_calls of a lowering."""
+    out = {}
+    for call in re.finditer(r'@tpu_custom_call\(.*?backend_config = "([^"]*)".*?kernel_name = "(\w+)"',
+                            lowered.as_text()):
+        out[call.group(2)] = int(re.search(r"\\22bytes_accessed\\22:(\d+)", call.group(1)).group(1))
+    return out
+
+
+def test_tpu_flash_cost_estimate_bytes_gqa():
+    """The flash kernels' CostEstimate bytes follow their grids and index maps for GQA (G = 4):
+    each query head re-reads the visible K/V blocks of its kv head, once per query block."""
+    dev = _tpu_device("v5e:2x2")
+    bq = bk = 256
+    nq, nk, G, frac = T // bq, T // bk, N // K, 0.5   # causal, no window: the static guess 1/2
+    args = _abstract(dev, ((B, T, N, H), jnp.bfloat16), ((B, T, K, H), jnp.bfloat16),
+                     ((B, T, K, H), jnp.bfloat16))
+    fwd = lambda q, k, v: flash_attention(q, k, v, causal=True, block_q=bq, block_kv=bk,  # noqa: E731
+                                          interpret=False, device_kind=dev.device_kind)
+    grad = jax.grad(lambda q, k, v: fwd(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    got = _kernel_bytes_accessed(jax.jit(grad).lower(*args))
+    # Operands (T = S = 1024 needs no padding): q (and o, do, dq) 2 MiB, k and v 0.5 MiB each,
+    # the f32 row statistics lse / di [B,N,T,1] 32 KiB each, the 4 int32 masks 4 KiB each.
+    q_b, kv_b, stat, mask = B * T * N * H * BF16, B * T * K * H * BF16, B * N * T * 4, B * T * 4
+    kv_reads = 2 * kv_b * G * nq * frac          # K and V: every query head, every query block
+    masks = 2 * mask * N + 2 * mask * N * nq * frac  # query rows per (b, n, i); key rows per block
+    assert kv_reads == 8 * 2 ** 20                # G = 4 times one pass per query block over K/V
+    assert got == {
+        "tessera_flash_fwd": 2 * q_b + stat + kv_reads + masks,                      # 12.22 MiB
+        "tessera_flash_dq": 3 * q_b + 2 * stat + kv_reads + masks,                   # 14.25 MiB
+        # (B, K, nk, G, nq): k, v read and dk, dv written once; q, do, lse, di once per visible
+        # (key block, query block) pair of each query head; masks likewise, key rows per kv head.
+        "tessera_flash_dkv": 4 * kv_b + (2 * q_b + 2 * stat) * nk * frac
+                             + 2 * mask * N * nk * frac + 2 * mask * K,              # 10.27 MiB
+    }, got
+    # One key block (block_kv = S): its index changes only with the kv head, so K, V and the key
+    # rows are read once, whatever the query heads and blocks.
+    one = lambda q, k, v: flash_attention(q, k, v, causal=True, block_q=bq, block_kv=T,  # noqa: E731
+                                          interpret=False, device_kind=dev.device_kind)
+    got = _kernel_bytes_accessed(jax.jit(one).lower(*args))
+    assert got == {"tessera_flash_fwd": 2 * q_b + stat + 2 * kv_b + 2 * mask * N + 2 * mask}, got
 
 
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])

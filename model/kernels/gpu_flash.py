@@ -24,10 +24,9 @@ from model.kernels.tpu_flash_kernels import softmax_residual
 
 
 def _compiler_params(num_warps: int, num_stages: int):
-    """Triton compiler params; the class was TritonCompilerParams before CompilerParams."""
+    """Triton compiler params (imported late: the Triton backend loads only on this path)."""
     from jax.experimental.pallas import triton as plgpu
-    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-    return cls(num_warps=num_warps, num_stages=num_stages)
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def next_pow2(x: int) -> int:

@@ -22,8 +22,6 @@ from jax.experimental.pallas import tpu as pltpu
 from model.kernels import blocking as blk_lib
 from model.kernels import tpu_flash_kernels as kern
 
-# jax renamed TPUCompilerParams -> CompilerParams; accept both so 0.10.2 .. 0.12 work.
-_CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +68,38 @@ def _params(semantics, interpret: str):
         return dict(interpret=pltpu.InterpretParams())
     if interpret == "jax":
         return dict(interpret=True)
-    return dict(compiler_params=_CompilerParams(dimension_semantics=semantics))
+    return dict(compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))
+
+
+def _bytes_accessed(*reads) -> int:
+    """HBM traffic of a pallas_call: sum of nbytes x passes over (operand or result, passes).
+
+    The pipeline fetches (or writes back) a block whenever its index differs from the previous
+    grid step's, so a pass count is how many grid steps move to a new block, times the block
+    size, over the array size."""
+    return int(sum(x.size * jnp.dtype(x.dtype).itemsize * n for x, n in reads))
+
+
+def _stat(q):
+    """The [B,N,Tp,1] float32 per-query-row statistic (lse, di) of a [B,N,Tp,H] q."""
+    return jax.ShapeDtypeStruct(q.shape[:-1] + (1,), jnp.float32)
+
+
+def _query_major_reads(cfg: FlashConfig, q, k, v, q_pos, q_seg, kv_pos, kv_seg) -> list:
+    """(array, passes) read from HBM for k, v and the masks on the (B, N, nq, nk) grid of the
+    forward and dq kernels (_query_major_specs).
+
+    Per (b, n, i): the query-row masks once (shared by heads, so once in all when nq == 1), then
+    the visible key blocks of kv head n // G (frac * nk of them, the static guess) with their
+    key-row masks. That is repeated for every query head, so K and V, which hold kv heads, are
+    read G * nq * frac times over. With nk == 1 a K/V block index changes only with b and the kv
+    head: one pass."""
+    b_, G, N = cfg.blocking, cfg.groups, q.shape[1]
+    frac = cfg.visible_fraction()
+    kv = G * b_.nq * frac if b_.nk > 1 else 1
+    kv_rows = N * b_.nq * frac if b_.nk > 1 else 1
+    q_rows = N if b_.nq > 1 else 1
+    return [(k, kv), (v, kv), (q_pos, q_rows), (q_seg, q_rows), (kv_pos, kv_rows), (kv_seg, kv_rows)]
 
 
 def _clamp(x, lo, hi):
@@ -99,16 +128,17 @@ def _query_major_specs(cfg: FlashConfig, H: int):
 
 def _fwd_call(cfg: FlashConfig, spans, q_pos, q_seg, kv_pos, kv_seg, q, k, v):
     B, N, Tp, H = q.shape
-    b_, G = cfg.blocking, cfg.groups
+    b_ = cfg.blocking
     bq, nq = b_.block_q, b_.nq
     lo, hi = spans
     q_spec, kv_spec, qcol, kvrow, lse_spec = _query_major_specs(cfg, H)
     frac = cfg.visible_fraction()
-    itemsize = q.dtype.itemsize
+    # q read and o written once per (b, n, i) (index constant along j), lse written with o.
     cost = pl.CostEstimate(
         flops=blk_lib.attention_flops(B, Tp, b_.s_pad, N, H, frac),
         transcendentals=int(B * N * Tp * b_.s_pad * frac),
-        bytes_accessed=int(itemsize * (2 * q.size + (k.size + v.size) * nq * frac / G * G)))
+        bytes_accessed=_bytes_accessed((q, 2), (_stat(q), 1),
+                                       *_query_major_reads(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg)))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2, grid=(B, N, nq, b_.nk),
         in_specs=[qcol, qcol, kvrow, kvrow, q_spec, kv_spec, kv_spec],
@@ -132,10 +162,12 @@ def _dq_call(cfg: FlashConfig, spans, q_pos, q_seg, kv_pos, kv_seg, q, k, v, do,
     lo, hi = spans
     q_spec, kv_spec, qcol, kvrow, row_spec = _query_major_specs(cfg, H)
     frac = cfg.visible_fraction()
+    # The forward's grid: q, do, lse, di read and dq written once per (b, n, i).
     cost = pl.CostEstimate(
         flops=int(1.5 * blk_lib.attention_flops(B, Tp, b_.s_pad, N, H, frac)),
         transcendentals=int(B * N * Tp * b_.s_pad * frac),
-        bytes_accessed=int(q.dtype.itemsize * (3 * q.size + (k.size + v.size) * nq * frac)))
+        bytes_accessed=_bytes_accessed((q, 2), (do, 1), (lse, 1), (di, 1),
+                                       *_query_major_reads(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg)))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2, grid=(B, N, nq, b_.nk),
         in_specs=[qcol, qcol, kvrow, kvrow, q_spec, kv_spec, kv_spec, q_spec, row_spec,
@@ -168,10 +200,22 @@ def _dkv_call(cfg: FlashConfig, spans_t, q_pos, q_seg, kv_pos, kv_seg, q, k, v, 
     qcol = pl.BlockSpec((None, bq, 1), lambda b, h, j, g, i, lo, hi: (b, q_i(b, j, i, lo, hi), 0))
     kvrow = pl.BlockSpec((None, 1, bk), lambda b, h, j, g, i, lo, hi: (b, 0, j))
     frac = cfg.visible_fraction()
+    # Grid (B, K, nk, G, nq): k/v read and dk/dv written once per (b, h, j), the key-row masks
+    # too (shared by heads: once in all when nk == 1). For each key block j every query head of
+    # the group reads its visible query blocks of q, do, lse, di and the query-row masks: nk * frac
+    # passes over those per-head arrays, N * nk * frac over the masks. With nq == 1 the query
+    # block index changes only with the head: nk passes (one when G == 1), the masks once.
+    if b_.nq > 1:
+        q_passes, q_rows = nk * frac, N * nk * frac
+    else:
+        q_passes, q_rows = (nk if G > 1 else 1), 1
+    kv_rows = K if nk > 1 else 1
     cost = pl.CostEstimate(
         flops=int(2 * blk_lib.attention_flops(B, Tp, b_.s_pad, N, H, frac)),
         transcendentals=int(B * N * Tp * b_.s_pad * frac),
-        bytes_accessed=int(q.dtype.itemsize * (4 * k.size + 2 * q.size * nk * frac)))
+        bytes_accessed=_bytes_accessed((k, 2), (v, 2), (q, q_passes), (do, q_passes), (lse, q_passes),
+                                       (di, q_passes), (q_pos, q_rows), (q_seg, q_rows),
+                                       (kv_pos, kv_rows), (kv_seg, kv_rows)))
     kw = dict(cfg.kernel_kwargs, groups=G)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2, grid=(B, K, nk, G, b_.nq),
