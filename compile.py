@@ -53,6 +53,7 @@ def int_list(text: str, what: str) -> list[int]:
 def run(args) -> dict:
     """Build the target, compile, print the report(s); returns what --json writes."""
     from configs import ConfigError, load_config
+    from configs.schema import REMATS
     from aot import compile_train as aot
     from aot.topology import parse_topology, topology_devices
 
@@ -69,9 +70,9 @@ def run(args) -> dict:
     if args.suggest:
         from aot import suggest as aot_suggest
         remats = [r.strip() for r in args.remats.split(",") if r.strip()]
-        bad = [r for r in remats if r not in ("none", "full", "save_dots", "minimal")]
+        bad = [r for r in remats if r not in REMATS]
         if bad:
-            raise ConfigError(f"--remats: unknown remat policy {bad[0]!r} (none, full, save_dots, minimal)")
+            raise ConfigError(f"--remats: unknown remat policy {bad[0]!r} ({', '.join(REMATS)})")
         result = aot_suggest.suggest(cfg, topo, devices, remats, int_list(args.batches, "--batches"),
                                      log=lambda line: print(line, flush=True))
         print(aot_suggest.format_result(result))

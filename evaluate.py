@@ -49,11 +49,9 @@ def out_dir(args) -> Path:
 def eval_mesh():
     """Data-parallel mesh over every device: parameters replicated, rows split, so no model
     dimension has to divide the device count (evaluation holds no optimizer state)."""
-    import jax
-    import numpy as np
-    from jax.sharding import AxisType, Mesh
-    devices = np.array(jax.devices()).reshape(-1, 1, 1)
-    return Mesh(devices, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    from configs import MeshConfig
+    from sharding.mesh import make_mesh
+    return make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
 
 
 def missing_classes_line(missing: list[str], path) -> str:

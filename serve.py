@@ -19,13 +19,14 @@ from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from configs.schema import KV_CACHE_DTYPES
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="Tessera run directory, int8 checkpoint or Hugging Face directory")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     p.add_argument("--int8", action="store_true", help="quantize weights to int8 at load")
     p.add_argument("--no-int8-embedding", action="store_true",
                    help="keep the embedding and output head in float (faster on CPU for big vocabularies)")
-    p.add_argument("--kv-dtype", choices=("bfloat16", "int8", "float32"), help="KV cache dtype")
+    p.add_argument("--kv-dtype", choices=KV_CACHE_DTYPES, help="KV cache dtype")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel devices (serve_tp rules)")
     p.add_argument("--host", help="bind address (default serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default serve.port, 8000)")
@@ -94,8 +95,8 @@ def main(argv=None) -> int:
         return 0
 
     from serving.engine import Engine
-    # Params and cache carry their NamedShardings; jit propagates them (no mesh context needed,
-    # which would be thread-local and invisible to the engine thread anyway).
+    # The engine takes the mesh rather than inheriting a context: jax.set_mesh is thread-local, so
+    # the engine enters it itself, on its own thread and in warmup (the sharded kernels need it).
     engine = Engine(cfg, params, tok, mesh=mesh)
     if args.prompt is None and not args.no_warmup:
         warmup(engine, log)

@@ -14,13 +14,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import Config, ConfigError
 from model.init import param_shardings
-from sharding.mesh import AXES
 from aot import compile_train as aot
 from training.state import abstract_with_shardings
 from aot.topology import Topology
@@ -30,8 +28,8 @@ def serve_mesh(cfg: Config, topo: Topology, devices) -> tuple[Config, Mesh]:
     """serve.py's layout on the whole slice: every chip tensor-parallel (serving.load.serving_config)."""
     if topo.slices > 1:
         raise ConfigError("--serve compiles one slice; serving does not span slices (drop --slices)")
-    from serving.load import serving_config
-    mesh = Mesh(np.array(devices).reshape(1, 1, len(devices)), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    from serving.load import serving_config, serving_mesh
+    mesh = serving_mesh(len(devices), devices)
     try:
         return serving_config(cfg, mesh), mesh
     except ConfigError as e:
@@ -79,10 +77,7 @@ def compile_serve(cfg: Config, topo: Topology, devices) -> dict:
     cfg, mesh = serve_mesh(cfg, topo, devices)
     args = abstract_args(cfg, mesh, devices)
     out = {}
-    import inspect
-    takes_mesh = "mesh" in inspect.signature(compile_fns).parameters  # newer serving pins shardings
-    fns = compile_fns(cfg, mesh) if takes_mesh else compile_fns(cfg)
-    for name, fn in zip(("prefill", "decode"), fns):
+    for name, fn in zip(("prefill", "decode"), compile_fns(cfg, mesh)):
         t0 = time.perf_counter()
         # The mesh in context, as serving.engine runs the steps: the Pallas kernels' shard_map
         # wrappers need it (a Mosaic kernel cannot be partitioned automatically).

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from configs import Config, ConfigError
+from model.layers import resolve_compute_dtype
 from model.stats import flops_per_token
-from sharding.mesh import check_divisibility, make_mesh, mesh_shape
+from sharding.mesh import check_divisibility, data_parallel_size, make_mesh, mesh_shape
 from training.optimizer import learning_rate, make_optimizer
 from training.state import abstract_with_shardings, state_layout
 from training.step import BATCH_KEYS, batch_sharding, jit_train_step
@@ -51,7 +52,7 @@ def target_config(cfg: Config, topo: Topology) -> Config:
     """
     m = cfg.model
     from model.attention import resolve_impl
-    cfg = replace(cfg, "model", compute_dtype="bfloat16" if m.compute_dtype == "auto" else m.compute_dtype,
+    cfg = replace(cfg, "model", compute_dtype=resolve_compute_dtype(m.compute_dtype, "tpu"),
                   attention_impl=resolve_impl(m.attention_impl, logit_softcap=m.attn_logit_softcap,
                                               platform="tpu"))
     if cfg.model.attention_impl == "cudnn":
@@ -91,12 +92,8 @@ def _attention_target(cfg: Config, devices):
     import contextlib
     if cfg.model.attention_impl != "pallas":
         return contextlib.nullcontext()
-    from model import attention
-    hook = getattr(attention, "compile_target", None)
-    if hook is None:
-        raise ConfigError("model.attention_impl=pallas cannot be compiled for TPU from this host: "
-                          "model/attention.py has no compile_target hook yet; use model.attention_impl=xla")
-    return hook("tpu", devices[0].device_kind)
+    from model.attention import compile_target
+    return compile_target("tpu", devices[0].device_kind)
 
 
 def abstract_train_inputs(cfg: Config, mesh):
@@ -112,7 +109,7 @@ def abstract_train_inputs(cfg: Config, mesh):
 
 def check_batch(cfg: Config, mesh) -> None:
     """The global batch must split evenly over the data axes, per micro-batch."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = data_parallel_size(mesh)
     micro = cfg.train.batch_size // cfg.train.grad_accum
     if micro % dp:
         raise ConfigError(f"train.batch_size / train.grad_accum ({micro}) must be a multiple of the "

@@ -37,9 +37,10 @@ def resolved(cfg: Config, platform: str | None = None) -> Config:
     """cfg with model.compute_dtype / attention_impl 'auto' resolved for `platform` (default: here)."""
     import dataclasses
     from model.attention import resolve_impl
+    from model.layers import resolve_compute_dtype
     platform = platform or jax.default_backend()
     m = cfg.model
-    dtype = m.compute_dtype if m.compute_dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
+    dtype = resolve_compute_dtype(m.compute_dtype, platform)
     impl = resolve_impl(m.attention_impl, logit_softcap=m.attn_logit_softcap, platform=platform)
     return dataclasses.replace(cfg, model=dataclasses.replace(m, compute_dtype=dtype, attention_impl=impl))
 

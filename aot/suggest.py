@@ -13,6 +13,7 @@ from typing import Callable
 
 from configs import Config
 from model.stats import flops_per_token
+from sharding.mesh import data_parallel_size
 from aot import compile_train as aot
 from aot.topology import Topology
 
@@ -28,7 +29,7 @@ def suggest(cfg: Config, topo: Topology, devices, remats: list[str], batches: li
     """Try the grid; returns {"tried": [...], "best": row or None, ...}. memory_fn(cfg) -> bytes
     and cost_fn(cfg) -> seconds per step default to real compiles (tests pass fakes)."""
     mesh = aot.target_mesh(cfg, topo, devices)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = data_parallel_size(mesh)
     memory_fn = memory_fn or (lambda c: aot.memory(aot.compile_train(c, topo, devices)[0])["total"])
     cost_fn = cost_fn or (lambda c: aot.extrapolated_cost(c, topo, devices)["optimal_seconds"])
     tried, timed = [], []

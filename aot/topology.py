@@ -1,9 +1,10 @@
 """TPU slice names (v5p-8, v5e-4, ...) -> chip count, physical topology, HBM and peak FLOP/s.
 
-Cloud TPU names count differently by generation: v4 and v5p names count TensorCores (two per
-chip, run as one megacore device), so v5p-8 is 4 chips; v5e and v6e names count chips. The
-physical topology string is what libtpu's `get_topology_desc` wants ("v5p:2x2x1"); it lets XLA
-compile for a slice on a host without TPUs (see docs/compile.md).
+Cloud TPU names count TensorCores: v4 and v5p have two per chip (run as one megacore device), so
+v5p-8 is 4 chips; v5e and v6e have one, so their names count chips. Per-chip figures come from the
+one generation table, sharding/hardware.py. The physical topology string is what libtpu's
+`get_topology_desc` wants ("v5p:2x2x1"); it lets XLA compile for a slice on a host without TPUs
+(see docs/compile.md).
 """
 from __future__ import annotations
 
@@ -13,42 +14,24 @@ import re
 from dataclasses import dataclass
 
 from configs import ConfigError
-
-GiB = 2 ** 30
-
-
-@dataclass(frozen=True)
-class Generation:
-    cores_per_name_unit: int   # v4/v5p names count TensorCores (2 per chip), v5e/v6e chips
-    hbm_bytes: int             # per chip
-    peak_flops: float          # dense bf16 FLOP/s per chip (as training/metrics.PEAK_FLOPS)
-    dims: int                  # 3D torus (v4, v5p) or 2D (v5e, v6e)
-    libtpu_name: str           # generation prefix of get_topology_desc names
-
-
-GENERATIONS = {
-    "v4": Generation(2, 32 * GiB, 275e12, 3, "v4"),
-    "v5e": Generation(1, 16 * GiB, 197e12, 2, "v5e"),
-    "v5p": Generation(2, 95 * GiB, 459e12, 3, "v5p"),
-    "v6e": Generation(1, 32 * GiB, 918e12, 2, "v6e"),
-}
+from sharding.hardware import GiB, TPU_GENERATIONS as GENERATIONS, TpuGeneration
 
 
 @dataclass(frozen=True)
 class Topology:
     name: str          # as the user wrote it, e.g. "v5p-8"
-    generation: str    # key of GENERATIONS
+    generation: str    # key of GENERATIONS (also the libtpu topology prefix)
     chips: int         # per slice
     shape: tuple[int, ...]
     slices: int = 1
 
     @property
-    def gen(self) -> Generation:
+    def gen(self) -> TpuGeneration:
         return GENERATIONS[self.generation]
 
     @property
     def libtpu_name(self) -> str:
-        return f"{self.gen.libtpu_name}:" + "x".join(map(str, self.shape))
+        return f"{self.generation}:" + "x".join(map(str, self.shape))
 
     @property
     def hbm_bytes(self) -> int:
@@ -56,7 +39,7 @@ class Topology:
 
     @property
     def peak_flops(self) -> float:
-        return self.gen.peak_flops
+        return self.gen.peak_bf16
 
     @property
     def n_devices(self) -> int:
@@ -89,16 +72,16 @@ def physical_shape(chips: int, dims: int) -> tuple[int, ...] | None:
 def parse_topology(name: str, slices: int = 1) -> Topology:
     """'v5p-8' -> Topology; a one-line ConfigError for anything that is not a Cloud TPU slice."""
     known = ", ".join(f"{g}-N" for g in GENERATIONS)
-    m = re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", name.strip().lower())
+    m = re.fullmatch(rf"({'|'.join(GENERATIONS)})-(\d+)", name.strip().lower())
     if not m:
         raise ConfigError(f"unknown topology '{name}': expected one of {known} (e.g. v5p-8, v5e-4)")
     gen_name, count = m.group(1), int(m.group(2))
     gen = GENERATIONS[gen_name]
-    if count % gen.cores_per_name_unit:
+    if count % gen.tensorcores:
         raise ConfigError(f"unknown topology '{name}': {gen_name} names count TensorCores, "
-                          f"{gen.cores_per_name_unit} per chip (e.g. {gen_name}-8 is 4 chips)")
-    chips = count // gen.cores_per_name_unit
-    shape = physical_shape(chips, gen.dims)
+                          f"{gen.tensorcores} per chip (e.g. {gen_name}-8 is 4 chips)")
+    chips = count // gen.tensorcores
+    shape = physical_shape(chips, gen.torus_dims)
     if shape is None:
         raise ConfigError(f"unknown topology '{name}': no {gen_name} slice has {chips} chips "
                           f"(use 1, 4, 8, 16, ... chips)")

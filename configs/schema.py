@@ -45,6 +45,16 @@ class ModelConfig:
         return self.head_dim or self.d_model // self.n_heads
 
 
+# The ModelConfig fields that make up the architecture (what the weights' shapes and meaning depend
+# on). The others (dtypes, init_std, remat, scan, attention kernel and blocks) are choices of how
+# to run it: fine-tuning from a checkpoint takes these fields from it, a resumed run must match
+# them, and a Hugging Face config.json is translated into them.
+ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
+                       "max_seq_len", "tie_embeddings", "norm_eps", "rope_theta", "rope_scaling_factor",
+                       "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len", "qkv_bias",
+                       "qk_norm", "sliding_window", "attn_logit_softcap")
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     # ICI sizes (within a slice / host). -1 on one axis fills the remaining devices.
@@ -141,16 +151,28 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
 
 
+# Allowed values of the enum keys, one tuple each: the loader validates against CHOICES, and code
+# that lists them (argparse choices, dispatch checks, the rules tables) imports them from here.
+REMATS = ("none", "full", "save_dots", "minimal")
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
+PARAM_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("auto",) + PARAM_DTYPES
+RULE_TABLES = ("fsdp", "fsdp_tp", "serve_tp")
+SCHEDULES = ("cosine", "linear", "constant")
+KV_CACHE_DTYPES = ("bfloat16", "int8", "float32")
+TASK_KINDS = ("lm", "classify")
+POOLINGS = ("last", "mean")
+
 CHOICES = {
-    "model.remat": ("none", "full", "save_dots", "minimal"),
-    "model.attention_impl": ("auto", "xla", "pallas", "cudnn"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.compute_dtype": ("auto", "float32", "bfloat16"),
-    "mesh.rules": ("fsdp", "fsdp_tp", "serve_tp"),
-    "train.schedule": ("cosine", "linear", "constant"),
-    "serve.kv_dtype": ("bfloat16", "int8", "float32"),
-    "task.kind": ("lm", "classify"),
-    "task.pooling": ("last", "mean"),
+    "model.remat": REMATS,
+    "model.attention_impl": ATTENTION_IMPLS,
+    "model.param_dtype": PARAM_DTYPES,
+    "model.compute_dtype": COMPUTE_DTYPES,
+    "mesh.rules": RULE_TABLES,
+    "train.schedule": SCHEDULES,
+    "serve.kv_dtype": KV_CACHE_DTYPES,
+    "task.kind": TASK_KINDS,
+    "task.pooling": POOLINGS,
 }
 
 

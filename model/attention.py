@@ -18,13 +18,12 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
+from configs.schema import ATTENTION_IMPLS as IMPLS
 from model.kernels import sharded
 from model.kernels.blocking import default_blocks
 from model.kernels.paged_reference import paged_attention_reference
 from model.kernels.reference import (attention_mask, attention_reference, default_positions,
                                      fill_masking_defaults)
-
-IMPLS = ("auto", "xla", "pallas", "cudnn")
 
 
 def resolve_impl(impl: str, *, logit_softcap: float = 0.0, platform: str | None = None) -> str:

@@ -23,11 +23,17 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, 
     return nnx.Param(value.astype(dtype), axes=axes)
 
 
+def resolve_compute_dtype(setting: str, platform: str) -> str:
+    """model.compute_dtype for a platform: `auto` is bfloat16 on TPU/GPU and float32 on CPU
+    (bf16 is no faster there); an explicit dtype stays. The one rule, also used for AOT targets."""
+    if setting != "auto":
+        return setting
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
 def compute_dtype(cfg: ModelConfig):
-    """bf16 compute on TPU/GPU, fp32 on CPU (bf16 is no faster there), unless set explicitly."""
-    if cfg.compute_dtype != "auto":
-        return jnp.dtype(cfg.compute_dtype)
-    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    """The activation dtype on this host's backend."""
+    return jnp.dtype(resolve_compute_dtype(cfg.compute_dtype, jax.default_backend()))
 
 
 def linear(eq: str, x: jax.Array, w) -> jax.Array:

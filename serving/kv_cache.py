@@ -17,12 +17,15 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from configs import Config
-from sharding.rules import RULES
+from configs.schema import KV_CACHE_DTYPES
+from sharding.rules import RULES, spec
 
-KV_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "int8": jnp.int8}
+KV_DTYPES = {name: jnp.dtype(name) for name in KV_CACHE_DTYPES}  # serve.kv_dtype -> dtype
+CACHE_AXES = ("layers", "cache_pages", "cache_page_tokens", "cache_kv_heads", "head_dim")  # k, v
+SCALE_AXES = CACHE_AXES[:-1]                                                                # scales
 
 
 @jax.tree_util.register_dataclass
@@ -50,13 +53,13 @@ class KVCache:
 
 
 def cache_shardings(cfg: Config, mesh: Mesh | None, kv_dtype: str):
-    """NamedShardings of a KVCache: kv heads over `tensor` under serve_tp (cache_kv_heads)."""
+    """NamedShardings of a KVCache from its logical axes under cfg.mesh.rules (serve_tp: kv heads
+    over the tensor axis)."""
     if mesh is None:
         return None
-    rules = RULES.get(cfg.mesh.rules, {})
-    kv = rules.get("cache_kv_heads")
-    s5 = NamedSharding(mesh, PartitionSpec(None, None, None, kv, None))
-    s4 = NamedSharding(mesh, PartitionSpec(None, None, None, kv))
+    rules = RULES[cfg.mesh.rules]
+    s5 = NamedSharding(mesh, spec(CACHE_AXES, rules))
+    s4 = NamedSharding(mesh, spec(SCALE_AXES, rules))
     q = kv_dtype == "int8"
     return KVCache(s5, s5, s4 if q else None, s4 if q else None)
 

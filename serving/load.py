@@ -1,10 +1,11 @@
 """Load a checkpoint for serving: config, params under serving rules (1 device or a tensor-parallel
 mesh), optional int8 quantization, tokenizer. Also the int8 checkpoint format.
 
-Sources, in order: an int8 checkpoint written by `python -m serving.quantize` (RUN_DIR/int8.json
-beside a params-only orbax checkpoint whose QArrays are {'int8', 'scale'} dicts); a Tessera run
-directory or Hugging Face directory through `interop.load.load_checkpoint` when that module exists;
-otherwise a Tessera run directory through store.checkpoint.
+Sources: an int8 checkpoint, as `serve.py CKPT --int8 --save-int8 OUT` writes it with `save_int8`
+(OUT/int8.json beside a params-only orbax checkpoint whose QArrays are {'int8', 'scale'} dicts);
+otherwise a Tessera run directory or Hugging Face directory through `interop.load.load_checkpoint`.
+Tokenizers are interop.tokenizers' (the directory's tokenizer.json or tokenizer.model, else the
+config's data.tokenizer file).
 """
 from __future__ import annotations
 
@@ -16,46 +17,23 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from configs import Config, ConfigError
+from configs import Config, ConfigError, MeshConfig
+from interop.load import load_checkpoint, load_tokenizer_for
 from model.quant import CONTRACT_AXES, VOCAB_WEIGHTS, from_storable, quantize_params, to_storable
-from sharding.mesh import AXES
-from store.checkpoint import (Checkpointer, abstract_pure, load_params, read_config,
-                                 write_config)
+from sharding.mesh import make_mesh
+from store.checkpoint import Checkpointer, abstract_pure, read_config, write_config
 
 INT8_MARKER = "int8.json"
 
 
-class SentencePieceTokenizer:
-    """encode/decode over RUN_DIR/tokenizer.model (ids: pad 0, bos 1, eos 2 in Tessera models)."""
-
-    chat_template = None
-
-    def __init__(self, path: str | Path):
-        import sentencepiece as spm
-        self.path = str(path)
-        self.sp = spm.SentencePieceProcessor(model_file=self.path)
-        self.vocab_size = self.sp.get_piece_size()
-        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
-
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
-
-    def id_to_piece(self, i: int) -> str:
-        return self.sp.id_to_piece(int(i))
-
-
-def serving_mesh(tp: int = 1) -> Mesh:
-    """(data=1, fsdp=1, tensor=tp) mesh over the first tp devices."""
-    devices = jax.devices()
+def serving_mesh(tp: int = 1, devices=None) -> Mesh:
+    """(data=1, fsdp=1, tensor=tp) mesh over the first tp of `devices` (default: this host's)."""
+    devices = jax.devices() if devices is None else list(devices)
     if tp < 1 or tp > len(devices):
         raise ConfigError(f"--tp {tp} needs between 1 and {len(devices)} devices")
-    grid = np.array(devices[:tp]).reshape(1, 1, tp)
-    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    return make_mesh(MeshConfig(data=1, fsdp=1, tensor=tp, rules="serve_tp"), devices[:tp])
 
 
 def serving_config(cfg: Config, mesh: Mesh) -> Config:
@@ -97,11 +75,11 @@ def _abstract_int8(cfg: Config, mesh: Mesh, embedding: bool) -> dict:
     return visit(pure)
 
 
-def load_tokenizer(run_dir: Path):
-    path = run_dir / "tokenizer.model"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} has no tokenizer.model")
-    return SentencePieceTokenizer(path)
+def _require_tokenizer(tok, run_dir: Path):
+    """`tok`, found by interop.load.load_tokenizer_for; a one-line error when there is none."""
+    if tok is None:
+        raise ConfigError(f"{run_dir} has no tokenizer (tokenizer.model or tokenizer.json)")
+    return tok
 
 
 def load_for_serving(path: str, overrides=(), tp: int = 1, int8: bool | None = None,
@@ -123,19 +101,10 @@ def load_for_serving(path: str, overrides=(), tp: int = 1, int8: bool | None = N
         if found is None:
             raise ConfigError(f"no loadable checkpoint in {run}/checkpoints")
         params = from_storable(found[1], info.get("act_quant", True))
-        return cfg, mesh, params, load_tokenizer(run)
-    try:
-        from interop.load import load_checkpoint
-    except ImportError:
-        load_checkpoint = None
-    if load_checkpoint is not None:
-        cfg, _, state, tok = load_checkpoint(str(run), mesh, rules="serve_tp", overrides=tuple(overrides))
-        cfg = serving_config(cfg, mesh)
-        tok = tok if tok is not None else load_tokenizer(run)
-    else:
-        cfg = serving_config(read_config(run, list(overrides)), mesh)
-        _, state = load_params(run, cfg, mesh, rules="serve_tp")
-        tok = load_tokenizer(run)
+        return cfg, mesh, params, _require_tokenizer(load_tokenizer_for(run, cfg), run)
+    cfg, _, state, tok = load_checkpoint(str(run), mesh, rules="serve_tp", overrides=tuple(overrides))
+    cfg = serving_config(cfg, mesh)
+    tok = _require_tokenizer(tok, run)
     params = nnx.to_pure_dict(state)
     if int8 if int8 is not None else cfg.serve.int8_weights:
         params = jax.jit(lambda p: quantize_params(p, embedding=int8_embedding))(params)
@@ -143,14 +112,26 @@ def load_for_serving(path: str, overrides=(), tp: int = 1, int8: bool | None = N
     return cfg, mesh, params, tok
 
 
+def _copy_tokenizer(src: Path, out: Path) -> None:
+    """The tokenizer file `src` into `out` under the name load_tokenizer_dir reads (tokenizer.json
+    or tokenizer.model); from a Hugging Face layout (src named as one of its tokenizer files) also
+    the files beside it that set specials, chat template and stop ids."""
+    from interop.tokenizers import TOKENIZER_FILES
+    shutil.copy(src, out / ("tokenizer.json" if src.suffix == ".json" else "tokenizer.model"))
+    if src.name in TOKENIZER_FILES:
+        for name in TOKENIZER_FILES + ("generation_config.json",):
+            if name != src.name and (src.parent / name).is_file():
+                shutil.copy(src.parent / name, out / name)
+
+
 def save_int8(out_dir: str, cfg: Config, params: dict, tokenizer_path: str | None,
               embedding: bool = True) -> None:
-    """Write an int8 checkpoint: config.yaml, tokenizer.model, int8.json, params (orbax)."""
+    """Write an int8 checkpoint: config.yaml, the tokenizer, int8.json, params (orbax)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_config(out, dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, int8_weights=True)))
     if tokenizer_path and Path(tokenizer_path).is_file():
-        shutil.copy(tokenizer_path, out / "tokenizer.model")
+        _copy_tokenizer(Path(tokenizer_path), out)
     ckpt = Checkpointer(out, async_save=False)
     ckpt.save(0, to_storable(params), meta={"step": 0, "int8": True}, force=True)
     ckpt.close()

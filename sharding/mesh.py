@@ -1,4 +1,5 @@
-"""Build the device mesh (data, fsdp, tensor) from config, with ICI and DCN sizes."""
+"""Build the device mesh (data, fsdp, tensor) from config, with ICI and DCN sizes: the one mesh
+builder for training, serving, AOT compiles and evaluation."""
 from __future__ import annotations
 
 import math
@@ -8,8 +9,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from configs import ConfigError, Config, MeshConfig
-
-AXES = ("data", "fsdp", "tensor")
+from sharding.rules import AXES, BATCH, FSDP, TENSOR
 
 
 def resolve_sizes(sizes: list[int], total: int, what: str) -> list[int]:
@@ -36,7 +36,7 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
 
 def check_divisibility(cfg: Config, shape: dict[str, int]) -> None:
     """Heads, kv heads and mlp must split evenly over the tensor axis when it is used."""
-    tp, m = shape["tensor"], cfg.model
+    tp, m = shape[TENSOR], cfg.model
     if tp > 1 and cfg.mesh.rules != "fsdp":
         for key in ("n_heads", "n_kv_heads", "mlp_dim"):
             if getattr(m, key) % tp:
@@ -44,24 +44,38 @@ def check_divisibility(cfg: Config, shape: dict[str, int]) -> None:
     elif tp > 1:
         raise ConfigError(f"mesh.tensor is {tp} but mesh.rules 'fsdp' shards nothing over it; "
                           "use mesh.rules=fsdp_tp")
-    fsdp = shape["fsdp"]
+    fsdp = shape[FSDP]
     if cfg.mesh.rules != "serve_tp" and m.d_model % fsdp:
         raise ConfigError(f"model.d_model ({m.d_model}) is not divisible by the fsdp axis ({fsdp})")
 
 
-def make_mesh(cfg: Config, devices=None) -> Mesh:
-    """The (data, fsdp, tensor) mesh over `devices` (default: all), axis types set explicitly."""
+def data_parallel_size(mesh) -> int:
+    """Devices the batch is split over: the product of the batch mesh axes (rules.BATCH)."""
+    return math.prod(mesh.shape[a] for a in BATCH)
+
+
+def make_mesh(cfg: Config | MeshConfig, devices=None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (default: all), axis types set explicitly.
+
+    A full Config also checks that the model splits over the mesh; a MeshConfig alone builds the
+    mesh only (serving checks heads against --tp itself, evaluation replicates the weights)."""
+    mesh_cfg = cfg.mesh if isinstance(cfg, Config) else cfg
     devices = jax.devices() if devices is None else list(devices)
-    shape = mesh_shape(cfg.mesh, len(devices))
-    check_divisibility(cfg, shape)
-    dcn = (cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp, cfg.mesh.dcn_tensor)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    if isinstance(cfg, Config):
+        check_divisibility(cfg, shape)
+    dcn = (mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, mesh_cfg.dcn_tensor)
     ici = tuple(shape[a] // d for a, d in zip(AXES, dcn))
+    grid = None
     if math.prod(dcn) > 1 and hasattr(devices[0], "slice_index"):
         from jax.experimental import mesh_utils
         grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
     elif devices[0].platform in ("tpu", "gpu"):
         from jax.experimental import mesh_utils
-        grid = mesh_utils.create_device_mesh(tuple(shape.values()), devices)
-    else:  # CPU or a single host: process-major order keeps DCN axes outermost
+        try:
+            grid = mesh_utils.create_device_mesh(tuple(shape.values()), devices)
+        except (AssertionError, ValueError, NotImplementedError):
+            pass  # a device subset that is no whole sub-slice (serve --tp 2 of 8): keep their order
+    if grid is None:  # CPU or a single host: process-major order keeps DCN axes outermost
         grid = np.array(devices).reshape(tuple(shape.values()))
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))

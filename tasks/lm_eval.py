@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import data
 from configs import Config, ConfigError
+from sharding.mesh import data_parallel_size
 from sharding.rules import BATCH
 
 
@@ -42,7 +43,7 @@ class LoadedLM:
     @property
     def rows_multiple(self) -> int:
         """Batch rows must split evenly over the data-parallel mesh axes."""
-        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return data_parallel_size(self.mesh)
 
     def batch_size(self, requested: int) -> int:
         b = requested or self.cfg.train.batch_size

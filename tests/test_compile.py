@@ -15,6 +15,7 @@ from configs import ConfigError, load_config
 from aot import compile_train as aot, suggest as aot_suggest
 from aot.executable import check_compatible, load_executable, save_executable
 from aot.topology import GiB, libtpu_available, parse_topology, topology_devices
+from sharding.mesh import make_mesh
 
 NO_LIBTPU = libtpu_available()
 needs_libtpu = pytest.mark.skipif(NO_LIBTPU is not None, reason=f"libtpu cannot describe TPUs here: {NO_LIBTPU}")
@@ -56,6 +57,16 @@ def test_target_config_resolves_auto_for_tpu():
     assert (cfg.model.compute_dtype, cfg.model.attention_impl, cfg.mesh.dcn_data) == ("float32", "xla", 2)
 
 
+def test_auto_compute_dtype_is_one_rule():
+    """model.layers.resolve_compute_dtype decides `auto` for the host and for AOT targets alike."""
+    from aot.executable import resolved
+    from model.layers import resolve_compute_dtype
+    assert [resolve_compute_dtype("auto", p) for p in ("cpu", "tpu", "gpu")] == ["float32", "bfloat16", "bfloat16"]
+    assert resolve_compute_dtype("float32", "tpu") == "float32"
+    assert resolved(load_config("tiny"), "tpu").model.compute_dtype == "bfloat16"
+    assert resolved(load_config("tiny"), "cpu").model.compute_dtype == "float32"
+
+
 def test_suggest_picks_fastest_that_fits():
     """The search logic with fake compiles: largest fitting batch per remat, fastest per chip wins."""
     topo = parse_topology("v6e-8")  # 8 chips, 32 GiB: the 8 CPU test devices stand in for them
@@ -82,7 +93,7 @@ def test_saved_step_runs_on_load_and_refuses_other_configs(tmp_path):
     overrides = ["model.n_layers=1", "model.attention_impl=xla", "model.compute_dtype=float32",
                  "train.batch_size=8", "data.seq_len=32", "mesh.fsdp=4", "mesh.data=2"]
     cfg = load_config("tiny", overrides)
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4, 1), ("data", "fsdp", "tensor"))
+    mesh = make_mesh(cfg, jax.devices()[:8])  # data 2 x fsdp 4
     graphdef, optimizer, schedule, shardings, state, batch = aot.abstract_train_inputs(cfg, mesh)
     from training.state import init_train_state
     from training.step import jit_train_step
@@ -200,7 +211,8 @@ def test_llama2_7b_fits_v5p_8(capsys):
 @needs_libtpu
 @pytest.mark.slow
 def test_tiny_serving_steps_compile_for_v5e_4(capsys):
-    assert compile_cli.main(["tiny", "--topology", "v5e-4", "--serve"]) == 0
+    # tiny has 2 kv heads; serving splits them over all 4 chips, so give it 4
+    assert compile_cli.main(["tiny", "--topology", "v5e-4", "--serve", "model.n_kv_heads=4"]) == 0
     text = capsys.readouterr().out
     assert "prefill (512 tokens): HBM per chip" in text and "decode (8 tokens per step): HBM per chip" in text
     assert text.count(": fits") == 2, text

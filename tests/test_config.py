@@ -58,6 +58,19 @@ def test_bad_overrides(overrides, message):
     assert "\n" not in str(e.value)
 
 
+def test_enum_sets_are_defined_once():
+    """The schema's allowed values are the ones the code dispatches on and the CLIs offer."""
+    import serve
+    from configs import schema
+    from model.attention import IMPLS
+    from serving.kv_cache import KV_DTYPES
+    assert IMPLS is schema.ATTENTION_IMPLS and tuple(KV_DTYPES) == schema.KV_CACHE_DTYPES
+    assert schema.CHOICES["serve.kv_dtype"] is schema.KV_CACHE_DTYPES
+    assert serve.parse_args(["ckpt", "--kv-dtype", "int8"]).kv_dtype == "int8"
+    with pytest.raises(SystemExit):
+        serve.parse_args(["ckpt", "--kv-dtype", "fp8"])
+
+
 def test_missing_preset():
     with pytest.raises(ConfigError, match="config file not found: nope"):
         load_config("nope")

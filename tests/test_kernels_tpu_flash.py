@@ -83,6 +83,17 @@ SWEEP = list(itertools.product(
 ))
 
 
+def test_default_blocks_per_generation():
+    """Block sizes are keyed by the hardware table's generations, found from jax's device kinds."""
+    from model.kernels.blocking import TPU_BLOCKS, default_blocks
+    from sharding.hardware import TPU_GENERATIONS
+    assert set(TPU_BLOCKS) == set(TPU_GENERATIONS)
+    kinds = {"TPU v4": (512, 512), "TPU v5 lite": (512, 512), "TPU v5": (512, 1024),
+             "TPU v6 lite": (512, 1024), "TPU7x": (512, 512)}
+    assert {k: default_blocks("tpu", k) for k in kinds} == kinds
+    assert default_blocks("cpu") == (128, 128)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("G,H,dtype,causal,ws", SWEEP)
 def test_flash_sweep(G, H, dtype, causal, ws):

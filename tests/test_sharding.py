@@ -71,3 +71,43 @@ def test_params_created_sharded_without_full_copy():
     _, state = create_sharded_model(cfg, make_mesh(cfg))
     emb = state["embedding"][...]
     assert all(s.data.shape == (512, 128 // 8) for s in emb.addressable_shards)
+
+
+def test_spec_rejects_an_unknown_logical_name():
+    """A typo in a logical axis is an error naming it, not a silently replicated array."""
+    from sharding.rules import spec
+    assert spec(("batch", None, "cache_kv_heads"), RULES["serve_tp"]) == P(("data", "fsdp"), None, "tensor")
+    with pytest.raises(ValueError, match="unknown logical axis 'kv_head'"):
+        spec(("layers", "embed", "kv_head", "head_dim"), RULES["fsdp_tp"])
+
+
+def test_rules_tables_use_known_names_only():
+    """Every table maps known logical names to mesh axes of the one AXES, and the config's
+    mesh.rules choices are exactly the tables."""
+    from configs.schema import RULE_TABLES
+    from sharding.mesh import AXES as MESH_AXES
+    from sharding.rules import AXES, LOGICAL_AXES, mesh_axes
+    assert MESH_AXES is AXES and set(RULES) == set(RULE_TABLES)
+    for table in RULES.values():
+        assert set(table) <= LOGICAL_AXES, set(table) - LOGICAL_AXES
+        assert all(set(mesh_axes(name, table)) <= set(AXES) for name in table)
+
+
+def test_make_mesh_from_a_mesh_config():
+    """Serving and evaluation build their meshes with make_mesh from a MeshConfig alone."""
+    from configs import MeshConfig
+    from serving.load import serving_mesh
+    m = serving_mesh(4)
+    assert dict(m.shape) == {"data": 1, "fsdp": 1, "tensor": 4} and list(m.devices.flat) == jax.devices()[:4]
+    m = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
+    assert dict(m.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+
+
+def test_hardware_peaks_by_device_kind():
+    """One table answers MFU's peak for every device kind jax reports (v5p reports 'TPU v5')."""
+    from sharding.hardware import peak_flops
+    kinds = {("tpu", "TPU v4"): 275e12, ("tpu", "TPU v5 lite"): 197e12, ("tpu", "TPU v5e"): 197e12,
+             ("tpu", "TPU v5"): 459e12, ("tpu", "TPU v5p"): 459e12, ("tpu", "TPU v6 lite"): 918e12,
+             ("gpu", "NVIDIA H100 80GB HBM3"): 989e12, ("gpu", "NVIDIA A100-SXM4-80GB"): 312e12,
+             ("cpu", "cpu"): None, ("tpu", "TPU7x"): None}
+    assert {k: peak_flops(*k) for k in kinds} == kinds

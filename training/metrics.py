@@ -13,21 +13,13 @@ from pathlib import Path
 
 import jax
 
-# Peak dense bf16 FLOP/s per chip, matched against jax's device_kind (lower-cased substrings).
-PEAK_FLOPS = (
-    ("v6 lite", 918e12), ("v6e", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12),
-    ("tpu v5", 459e12),  # v5p reports its kind as plain "TPU v5"; the lite entries come first
-    ("v4", 275e12), ("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l4", 121e12),
-)
+from sharding import hardware
 
 
 def peak_flops(device=None) -> float | None:
-    """Peak FLOP/s of a device, or None where unknown (CPU)."""
+    """Peak dense bf16 FLOP/s of a device (sharding/hardware.py), or None where unknown (CPU)."""
     device = device or jax.devices()[0]
-    kind = device.device_kind.lower()
-    if device.platform == "cpu":
-        return None
-    return next((peak for name, peak in PEAK_FLOPS if name in kind), None)
+    return hardware.peak_flops(device.platform, device.device_kind)
 
 
 def throughput(tokens: float, seconds: float, flops_per_token: float, n_devices: int,

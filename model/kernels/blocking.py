@@ -17,30 +17,20 @@ import jax
 import jax.numpy as jnp
 
 from model.kernels.reference import fill_masking_defaults
+from sharding.hardware import tpu_generation
 
 # Segment ids given to padded rows: never equal to each other or to a real segment id.
 Q_PAD_SEGMENT = -(2 ** 31)
 KV_PAD_SEGMENT = -(2 ** 31) + 1
 MASK_VALUE = -1e30  # finite, so exp(MASK - MASK) never makes a NaN; masked p is zeroed anyway
 
-# (block_q, block_kv) per TPU generation: big enough to keep the MXU busy and amortise the
-# ~0.35 us per grid step, small enough that fwd and bwd fit the default scoped VMEM (16 MiB on
-# v5e, 32 MiB on v5p/v6e). Measured by bench/attention_tpu_aot.py (docs/results.md).
+# (block_q, block_kv) per TPU generation (sharding.hardware.TPU_GENERATIONS keys): big enough to
+# keep the MXU busy and amortise the ~0.35 us per grid step, small enough that fwd and bwd fit the
+# compiler's default scoped VMEM limit (16 MiB on v5e, 32 MiB on v5p/v6e; a compiler setting, not
+# the chip's VMEM). Measured by bench/attention_tpu_aot.py (docs/results.md).
 TPU_BLOCKS = {"v4": (512, 512), "v5e": (512, 512), "v5p": (512, 1024), "v6e": (512, 1024)}
 GPU_BLOCKS = (64, 64)  # Triton: 64x64 tiles keep registers in check for H=128 on every NVIDIA GPU
 INTERPRET_BLOCKS = (128, 128)
-
-
-def tpu_generation(device_kind: str) -> str:
-    """'TPU v5 lite' / 'TPU v6e' / 'TPU v5p' ... -> a key of TPU_BLOCKS ('' when unknown)."""
-    kind = device_kind.lower()
-    if "v6" in kind:
-        return "v6e"
-    if "v5" in kind:
-        return "v5e" if ("lite" in kind or "v5e" in kind) else "v5p"
-    if "v4" in kind:
-        return "v4"
-    return ""
 
 
 def default_blocks(platform: str, device_kind: str = "") -> tuple[int, int]:

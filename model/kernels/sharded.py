@@ -1,11 +1,12 @@
 """shard_map wrappers: run a kernel per device over the batch and head axes of the mesh.
 
 A pallas_call is opaque to the SPMD partitioner, so under a sharded jit the kernels are called
-through jax.shard_map: activations split batch over ('data', 'fsdp') and heads over 'tensor',
-each device runs the kernel on its [B/dp, T, N/tp, H] slice and no communication is needed
-(attention is independent per batch row and per kv-head group). Heads are split only when the
-kv heads divide by the tensor size (so each shard holds whole GQA groups); batch only when it
-divides by the batch axes; otherwise that dimension stays whole on every device.
+through jax.shard_map: activations split over the mesh axes of their logical `batch` and
+`act_kv_heads` axes (the cache pages over those of `cache_kv_heads`), each device runs the kernel
+on its [B/dp, T, N/tp, H] slice and no communication is needed (attention is independent per
+batch row and per kv-head group). Heads are split only when the kv heads divide by their mesh
+axes (so each shard holds whole GQA groups); batch only when it divides by the batch axes;
+otherwise that dimension stays whole on every device.
 """
 from __future__ import annotations
 
@@ -14,8 +15,15 @@ import math
 import jax
 from jax.sharding import AxisType, PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
+from sharding.rules import RULES, mesh_axes
+
+# The kernels are not told the config's table. serve_tp maps every name they use; fsdp_tp lays
+# activations out the same way, and the fsdp table requires a tensor axis of 1 (sharding/mesh.py),
+# so splitting as serve_tp does is splitting as the activations and the cache are laid out.
+KERNEL_RULES = RULES["serve_tp"]
+BATCH_AXES = mesh_axes("batch", KERNEL_RULES)
+HEAD_AXES = mesh_axes("act_kv_heads", KERNEL_RULES)
+CACHE_HEAD_AXES = mesh_axes("cache_kv_heads", KERNEL_RULES)
 
 
 def current_mesh(mesh=None):
@@ -36,13 +44,8 @@ def _axes(mesh, names, dim: int):
 
 
 def _shard_map(fn, mesh, in_specs, out_specs):
-    # check_vma (jax >= 0.7) was check_rep before; pallas_call carries no replication rule.
-    try:
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                             check_vma=False)
-    except TypeError:
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                             check_rep=False)
+    # check_vma off: a pallas_call carries no varying-manual-axes rule for shard_map to check.
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 def _place(mesh, args, specs):
@@ -62,7 +65,7 @@ def sharded_attention(kernel, q, k, v, q_pos, q_seg, kv_pos, kv_seg, *, mesh=Non
     if mesh is None:
         return kernel(q, k, v, q_pos, q_seg, kv_pos, kv_seg)
     b = _axes(mesh, BATCH_AXES, q.shape[0])
-    h = _axes(mesh, (HEAD_AXIS,), k.shape[2])
+    h = _axes(mesh, HEAD_AXES, k.shape[2])
     heads, rows = P(b, None, h, None), P(b, None)                 # [B,T,N,H] and [B,T]
     specs = (heads, heads, heads, rows, rows, rows, rows)
     fn = _shard_map(kernel, mesh, specs, heads)
@@ -73,12 +76,12 @@ def sharded_paged_attention(kernel, q, k_pages, v_pages, page_table, lengths, k_
                             v_scales, *, mesh=None):
     """kernel(q, k_pages, v_pages, page_table, lengths, k_scales, v_scales) -> o over the mesh:
     sequences split over the batch axes (each device reads its own rows of the page table against
-    the whole page pool of its heads), kv heads of the pool over 'tensor'."""
+    the whole page pool of its heads), kv heads of the pool as `cache_kv_heads`."""
     mesh = current_mesh(mesh)
     if mesh is None:
         return kernel(q, k_pages, v_pages, page_table, lengths, k_scales, v_scales)
     b = _axes(mesh, BATCH_AXES, q.shape[0])
-    h = _axes(mesh, (HEAD_AXIS,), k_pages.shape[2])
+    h = _axes(mesh, CACHE_HEAD_AXES, k_pages.shape[2])
     pages, scales = P(None, None, h, None), P(None, None, h)       # [P,ps,K,H], [P,ps,K]
     qs = P(b, None, h, None)                                         # [B,T,N,H]
     specs = (qs, pages, pages, P(b, None), P(b),
