@@ -9,16 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from configs import Config, ConfigError, ModelConfig, from_dict
+from configs import ARCHITECTURE_FIELDS, Config, ConfigError, ModelConfig, from_dict
 from configs.loader import _merge, parse_overrides
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 MODEL_TYPES = {family: arch for arch, family in ARCHITECTURES.items()}
-# Fields the Tessera architecture is made of; the rest of a Config keeps base.yaml's defaults.
-ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
-               "max_seq_len", "tie_embeddings", "norm_eps", "rope_theta", "rope_scaling_factor",
-               "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len", "qkv_bias",
-               "qk_norm", "sliding_window", "attn_logit_softcap")
 
 
 class HFError(ConfigError):
@@ -37,12 +32,6 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise HFError(f"{path} must hold a JSON object")
     return data
-
-
-def is_hf_dir(path: str | Path) -> bool:
-    """An HF model directory: config.json next to safetensors weights (single or sharded)."""
-    p = Path(path)
-    return (p / "config.json").is_file() and any(p.glob("*.safetensors*"))
 
 
 def family_of(hf: dict) -> str:
@@ -139,7 +128,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
 def tessera_config(model: ModelConfig, overrides: list[str] | tuple = ()) -> Config:
     """A full Config around an imported architecture: base.yaml defaults (so params are fp32
     whatever the checkpoint's dtype, as training expects), then `overrides`."""
-    arch = {k: getattr(model, k) for k in ARCH_FIELDS}
+    arch = {k: getattr(model, k) for k in ARCHITECTURE_FIELDS}
     # base.yaml's data.seq_len may exceed a small model's context; validation would reject it.
     data = {"model": arch, "data": {"seq_len": min(256, model.max_seq_len)}}
     try:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from flax import nnx
 
-from configs import Config, ConfigError
-from interop.hf_config import ARCH_FIELDS, HFError, model_config_from_hf, read_json, tessera_config
+from configs import ARCHITECTURE_FIELDS, Config, ConfigError
+from interop.hf_config import HFError, model_config_from_hf, read_json, tessera_config
 from interop.hf_weights import load_params_from_hf
 from interop.tokenizers import has_tokenizer, load_tokenizer_dir
 
@@ -52,7 +52,7 @@ def checkpoint_config(path: str | Path, overrides: list[str] | tuple = ()) -> Co
 def adopt_architecture(cfg: Config, source: Config) -> Config:
     """`cfg` with the model architecture of `source` (e.g. a fine-tuning config taking the shape
     of its train.init_from checkpoint); runtime choices (dtypes, remat, scan, attention) stay."""
-    arch = {k: getattr(source.model, k) for k in ARCH_FIELDS}
+    arch = {k: getattr(source.model, k) for k in ARCHITECTURE_FIELDS}
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **arch))
 
 

@@ -1,14 +1,21 @@
 """Fine-tuning a tiny classifier on an easy synthetic CSV, then `evaluate.py classify` on it;
-pooling; initialising the backbone from a language-model checkpoint."""
+pooling; initialising the backbone from a language-model checkpoint; SIGTERM and resume (the
+classifier trains through the one Trainer)."""
 import csv
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from configs import load_config
 
 TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.mlp_dim=128",
@@ -119,7 +126,8 @@ def test_init_from_language_model_checkpoint(tmp_path):
     """train.init_from loads an LM run directory's weights and tokenizer into the backbone."""
     from flax import nnx
     from tasks.classify.dataset import train_tokenizer
-    from tasks.classify.train import ClassifyRun
+    from tasks.classify.train import ClassifyTask
+    from training.loop import Trainer
     from store.checkpoint import save_params
     from model.transformer import Transformer
     lm_cfg = load_config("configs/tiny.yaml", TINY)
@@ -131,7 +139,7 @@ def test_init_from_language_model_checkpoint(tmp_path):
     data = easy_csv(tmp_path / "d.csv", 60, 2)
     cfg = load_config("configs/tasks/classify.yaml", TINY + [f"data.path={data}", f"train.init_from={lm_dir}",
                                                              f"train.run_dir={tmp_path / 'run'}"])
-    run = ClassifyRun(cfg, log_enabled=False)
+    run = Trainer(cfg, log_enabled=False, task=ClassifyTask())
     try:
         got = run.state["params"]["backbone"]["embedding"]
         np.testing.assert_array_equal(np.asarray(got), np.asarray(lm.embedding[...]))
@@ -139,3 +147,42 @@ def test_init_from_language_model_checkpoint(tmp_path):
         assert run.cfg.task.num_classes == 3 and jax.tree.leaves(run.state["params"]["head_w"])
     finally:
         run.close()
+
+
+def test_sigterm_saves_and_a_rerun_resumes(tmp_path):
+    """SIGTERM mid-run saves the step reached and exits 0 without a report; the same command then
+    resumes from that checkpoint (not from step 0) and writes val/."""
+    run = tmp_path / "run"
+    small = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1", "model.mlp_dim=64",
+             "train.batch_size=8", "train.eval_every=0", "train.log_every=1", "checkpoint.every=100000"]
+    args = ["train.py", "configs/tasks/classify.yaml", f"data.path={easy_csv(tmp_path / 'd.csv', 96, 3)}",
+            f"train.run_dir={run}", *TINY, *small]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+    def steps_logged() -> list[int]:
+        path = run / "metrics.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        return [r["step"] for r in rows if "loss" in r]
+
+    def saved() -> list[int]:
+        return sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+
+    proc = subprocess.Popen([sys.executable, *args, "train.steps=100000"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not steps_logged():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM received: saving step" in err
+    first = max(steps_logged())
+    assert saved() == [first] and not (run / "val").exists()
+
+    again = subprocess.run([sys.executable, *args, f"train.steps={first + 2}"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    logged = steps_logged()
+    assert logged.count(1) == 1 and logged.count(first + 1) == 1  # resumed at `first`, not from 0
+    assert saved() == [first, first + 2] and (run / "val" / "metrics.json").is_file()

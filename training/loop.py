@@ -1,31 +1,41 @@
-"""The training loop: set up (or resume) a run, step, evaluate, log and checkpoint.
+"""The training loop: set up (or resume) a run of a task, step, evaluate, log and checkpoint.
 
 Side effects live here and in train.py; the step itself is the pure function in training/step.py.
+What is learnt comes from a task (default training.lm_task.LMTask; ClassifyTask in
+tasks/classify/train.py is the other one), which gives:
+
+  configure(cfg) -> cfg      settle the config (after the init_from architecture is adopted)
+  setup(cfg)                 tokenizer and data; one-line ConfigErrors before anything is written
+  save_files(run_dir)        what the run directory keeps besides config.yaml (tokenizer, labels)
+  build_model()              the nnx.Module whose params are trained
+  pretrained(lm_params)      where a language model's params go in it (train.init_from)
+  loss                       its training.step.TaskLoss
+  batch_shardings(mesh), batch(step)   the keys' shardings; this process's rows of batch `step`
+  tokens_per_batch, flops_per_token    for throughput and MFU
+  compile_eval(graphdef, mesh, param_shardings), evaluate(params) -> dict, eval_message(step, metrics)
+  checkpoint_meta() -> dict  extra JSON saved with every checkpoint
+  tokenizer, eval_label      and, where the task has one, full_validation(params, stop)
 """
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import yaml
-from flax import nnx
 
-import data
-from configs import Config, ConfigError, to_dict
+from configs import ARCHITECTURE_FIELDS, Config, ConfigError, to_dict
 from configs.loader import validate
-from model.stats import flops_per_token
 from sharding.mesh import make_mesh
 from store.checkpoint import Checkpointer, write_config
+from training.lm_task import LMTask
 from training.metrics import MetricsLogger, peak_flops, throughput
 from training.optimizer import learning_rate, make_optimizer
 from training.state import abstract_with_shardings, init_train_state, state_layout
-from training.step import batch_sharding, jit_eval_step, jit_train_step
+from training.step import jit_train_step, to_global
 
 
 class StopRequested:
@@ -46,94 +56,62 @@ def check_run_dir(cfg: Config) -> None:
     if not saved.is_file():
         return
     old = (yaml.safe_load(saved.read_text()) or {}).get("model", {})
-    for key, value in to_dict(cfg)["model"].items():
-        if key in ("remat", "attention_impl", "scan_layers", "compute_dtype"):
-            continue  # execution choices, not architecture
+    model = to_dict(cfg)["model"]
+    for key in ARCHITECTURE_FIELDS:
+        value = model[key]
         if key in old and old[key] != value and not (isinstance(value, tuple) and list(value) == old[key]):
             raise ConfigError(f"train.run_dir {cfg.train.run_dir} holds a run with model.{key}={old[key]!r}, "
                               f"not {value!r}; choose a new train.run_dir")
 
 
-def to_global(batch: dict, sharding) -> dict:
-    """This process's rows -> global arrays sharded over the data axes."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
-
-
-def eval_sums(eval_fn, params, loader, token_bytes, n_batches: int, sharding, stop=None) -> dict | None:
-    """Summed nll (nats), scored tokens and their UTF-8 bytes over batches 0..n-1 (None if `stop()`)."""
-    totals = {"nll_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
-    for i in range(n_batches):
-        if stop is not None and stop():
-            return None
-        out = eval_fn(params, to_global(loader.batch(i), sharding), token_bytes)
-        for k in totals:
-            totals[k] += float(out[k])
-    return totals
-
-
-def evaluate(eval_fn, params, loader, token_bytes, n_batches: int, sharding) -> dict:
-    """Validation loss, perplexity and bits per byte over the first n batches (the cheap periodic
-    eval: rows stand alone, so 1 in T tokens is not scored; see Trainer.full_validation)."""
-    totals = eval_sums(eval_fn, params, loader, token_bytes, n_batches, sharding)
-    loss = totals["nll_sum"] / max(totals["tokens"], 1)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
-            "val_bpb": data.bits_per_byte(totals["nll_sum"], totals["bytes"])}
+def pretrained_architecture(cfg: Config) -> Config:
+    """`cfg` taking the architecture of its train.init_from checkpoint (fine-tuning), which must
+    be a language model's; execution choices (dtypes, remat, scan, attention) stay cfg's."""
+    from interop.load import adopt_architecture, checkpoint_config
+    source = checkpoint_config(cfg.train.init_from)
+    if source.task.kind != "lm":
+        raise ConfigError(f"train.init_from {cfg.train.init_from} is not a language-model checkpoint")
+    return adopt_architecture(cfg, source)
 
 
 class Trainer:
-    """Owns the mesh, data, state and sinks of one run; `run()` trains to cfg.train.steps."""
+    """Owns the mesh, task, state and sinks of one run; `run()` trains to cfg.train.steps."""
 
-    def __init__(self, cfg: Config, log_enabled: bool = True):
-        if cfg.train.init_from:  # fine-tuning takes the architecture of its starting checkpoint
-            from interop.load import adopt_architecture, checkpoint_config
-            cfg = adopt_architecture(cfg, checkpoint_config(cfg.train.init_from))
-            validate(cfg)
+    def __init__(self, cfg: Config, log_enabled: bool = True, task=None):
+        self.task = task = task if task is not None else LMTask()
+        if cfg.train.init_from:
+            cfg = pretrained_architecture(cfg)
+        cfg = task.configure(cfg)
+        validate(cfg)
         self.cfg = cfg
         check_run_dir(cfg)
         self.run_dir = Path(cfg.train.run_dir)
         self.mesh = make_mesh(cfg)
-        pi, pc = jax.process_index(), jax.process_count()
+        pc = jax.process_count()
         if cfg.train.batch_size % (pc * cfg.train.grad_accum):
             raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must divide over "
                               f"{pc} processes x {cfg.train.grad_accum} micro-batches")
-        self.tokenizer = self._tokenizer()
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} tokens but "
-                              f"model.vocab_size is {cfg.model.vocab_size}")
-        self.train_data = data.make_loader(cfg, self.tokenizer, str(self.run_dir), "train", pi, pc)
-        self.val_data = data.make_loader(cfg, self.tokenizer, str(self.run_dir), "val", pi, pc)
+        task.setup(cfg)
+        self.tokenizer = task.tokenizer
         write_config(self.run_dir, cfg)
-        kept = self.run_dir / "tokenizer.model"  # the run keeps the tokenizer it was trained with
-        if Path(self.tokenizer.path).suffix == ".model" and not kept.exists() and pi == 0:
-            shutil.copyfile(self.tokenizer.path, kept)
+        task.save_files(self.run_dir)
 
         self.optimizer, self.schedule = make_optimizer(cfg.train), learning_rate(cfg.train)
-        self.graphdef, self.abstract, self.shardings = state_layout(cfg, self.mesh, self.optimizer)
-        self.data_sharding = batch_sharding(self.mesh)
+        self.graphdef, self.abstract, self.shardings = state_layout(cfg, self.mesh, self.optimizer,
+                                                                    task.build_model)
+        self.data_shardings = task.batch_shardings(self.mesh)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
         self.state, self.start_step = self._restore_or_init()
         self.train_fn = jit_train_step(cfg, self.graphdef, self.optimizer, self.schedule, self.mesh,
-                                       self.shardings)
-        self.eval_fn = jit_eval_step(self.graphdef, self.mesh, self.shardings["params"])
-        self.token_bytes = jnp.asarray(data.token_bytes(self.tokenizer), jnp.float32)
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+                                       self.shardings, task.loss, self.data_shardings)
+        task.compile_eval(self.graphdef, self.mesh, self.shardings["params"])
         self.logger = MetricsLogger(self.run_dir, cfg.train.steps, self.start_step, log_enabled)
-        n_eval = min(cfg.train.eval_batches, self.val_data.num_batches)
-        self.eval_label = f"val bpb (first {n_eval} batch{'es' if n_eval != 1 else ''})"
         self.stop: StopRequested | None = None
 
-    def _tokenizer(self):
-        """The starting checkpoint's tokenizer (copied into the run) when fine-tuning, else data's."""
-        init_from = self.cfg.train.init_from
-        from interop.tokenizers import TOKENIZER_FILES, has_tokenizer, load_tokenizer_dir
-        if not init_from or not has_tokenizer(init_from):
-            return data.load_tokenizer(self.cfg, str(self.run_dir))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for name in TOKENIZER_FILES:
-            src, dst = Path(init_from) / name, self.run_dir / name
-            if src.is_file() and not dst.exists() and jax.process_index() == 0:
-                shutil.copyfile(src, dst)
-        return load_tokenizer_dir(init_from)
+    @property
+    def eval_label(self) -> str:
+        """How the task names its periodic evaluation (train.py's report)."""
+        return self.task.eval_label
 
     def _restore_or_init(self):
         cfg = self.cfg
@@ -144,62 +122,42 @@ class Trainer:
             state = {"params": params, "opt_state": opt_state,
                      "step": jax.device_put(jnp.asarray(step, jnp.int32), self.shardings["step"])}
             return state, int(meta.get("step", step))
+        given = None
         if cfg.train.init_from:
+            from flax import nnx
             from interop.load import load_checkpoint
             _, _, params, _ = load_checkpoint(cfg.train.init_from, self.mesh, cfg.mesh.rules)
-            return init_train_state(cfg, self.mesh, self.optimizer, self.shardings,
-                                    nnx.to_pure_dict(params)), 0
-        return init_train_state(cfg, self.mesh, self.optimizer, self.shardings), 0
+            given = self.task.pretrained(nnx.to_pure_dict(params))
+        return init_train_state(cfg, self.mesh, self.optimizer, self.shardings, given, self.task.build_model), 0
 
     def save(self, step: int, force: bool = False) -> None:
-        meta = {"step": step, "data_step": step, "seed": self.cfg.train.seed}
+        meta = {"step": step, "data_step": step, "seed": self.cfg.train.seed, **self.task.checkpoint_meta()}
         self.checkpointer.save(step, self.state["params"], self.state["opt_state"], meta, force=force)
 
     def evaluate(self) -> dict:
-        return evaluate(self.eval_fn, self.state["params"], self.val_data, self.token_bytes,
-                        self.cfg.train.eval_batches, self.data_sharding)
+        """The task's periodic evaluation of the current params."""
+        return self.task.evaluate(self.state["params"])
 
     def full_validation(self, step: int) -> dict | None:
-        """The model and xz -9e on the same bytes: the whole validation split, every token once.
-
-        Overlapping rows (data.full_pass_loader) make every token of every validation document
-        (and its eos) a target exactly once. Bits per byte = summed nll (nats) / ln 2 / the UTF-8
-        length of the validation texts concatenated, which are exactly the bytes given to xz.
-        `full_val_token_bytes` is what the scored tokens' pieces spell: equal to `full_val_bytes`
-        for a lossless tokenizer. None when a signal arrives meanwhile.
-        """
-        t0 = time.time()
-        full = data.full_pass_loader(self.val_data, jax.process_index(), jax.process_count())
-
+        """The task's whole-split evaluation (the LM's: every validation token once, beside xz on the
+        same bytes), logged at `step`; None when a signal arrives meanwhile."""
         def stop() -> bool:  # one process alone must not leave the collective eval steps
             return jax.process_count() == 1 and self.stop is not None and self.stop.signal is not None
 
-        totals = eval_sums(self.eval_fn, self.state["params"], full, self.token_bytes, full.num_batches,
-                           self.data_sharding, stop)
-        if totals is None:
-            return None
-        eval_seconds = time.time() - t0
-        texts = data.validation_texts(self.cfg)
-        n_bytes = data.utf8_bytes(texts)
-        t1 = time.time()
-        xz = data.xz_bits_per_byte(texts) if jax.process_index() == 0 else float("nan")
-        out = {"full_val_documents": len(texts), "full_val_bytes": n_bytes,
-               "full_val_tokens": totals["tokens"], "full_val_token_bytes": totals["bytes"],
-               "full_val_loss": totals["nll_sum"] / max(totals["tokens"], 1),
-               "full_val_bpb": data.bits_per_byte(totals["nll_sum"], n_bytes), "xz_bpb": xz,
-               "full_val_seconds": eval_seconds, "xz_seconds": time.time() - t1}
-        self.logger.log(step, out)
+        out = self.task.full_validation(self.state["params"], stop)
+        if out is not None:
+            self.logger.log(step, out)
         return out
 
     def run(self) -> dict:
         """Train from the current step to cfg.train.steps; returns the last metrics seen."""
-        cfg, tc = self.cfg, self.cfg.train
+        tc, task = self.cfg.train, self.task
         self.stop = stop = StopRequested()
         summary = {"start_step": self.start_step}
         if self.start_step == 0 and tc.eval_every > 0:
             summary["initial"] = self.evaluate()
             self.logger.log(0, summary["initial"])
-            self.logger.message(f"step 0: {self.eval_label} {summary['initial']['val_bpb']:.3f}")
+            self.logger.message(task.eval_message(0, summary["initial"]))
         peak, n_dev = peak_flops(), jax.device_count()
         window_start, window_tokens, last = time.time(), 0.0, {}
         step = self.start_step
@@ -208,7 +166,7 @@ class Trainer:
             if step == tc.profile_start:
                 jax.profiler.start_trace(str(self.run_dir / "profile"))
                 profiling = True
-            batch = to_global(self.train_data.batch(step), self.data_sharding)
+            batch = to_global(task.batch(step), self.data_shardings)
             self.state, metrics = self.train_fn(self.state, batch)
             step += 1
             if profiling and step >= tc.profile_start + tc.profile_steps:
@@ -217,25 +175,25 @@ class Trainer:
                 profiling = False
             first = step == self.start_step + 1  # includes compilation: no throughput figures
             if not first:
-                window_tokens += tc.batch_size * cfg.data.seq_len
+                window_tokens += task.tokens_per_batch
             if first or step % tc.log_every == 0 or step == tc.steps or stop.signal:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not math.isfinite(metrics["loss"]):
                     raise FloatingPointError(f"loss is {metrics['loss']} at step {step}; lower train.lr")
                 if not first and window_tokens:
                     elapsed = time.time() - window_start
-                    metrics.update(throughput(window_tokens, elapsed, self.flops_per_token, n_dev, peak))
-                    metrics["step_time"] = elapsed * tc.batch_size * cfg.data.seq_len / window_tokens
+                    metrics.update(throughput(window_tokens, elapsed, task.flops_per_token, n_dev, peak))
+                    metrics["step_time"] = elapsed * task.tokens_per_batch / window_tokens
                     self.logger.progress(step, metrics)
                 else:
                     self.logger.message(f"step {step}: loss {metrics['loss']:.4f} (compiled and ran the first step)")
                 self.logger.log(step, metrics)
                 last, window_start, window_tokens = metrics, time.time(), 0.0
             if tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps):
-                last.update(self.evaluate())
-                self.logger.log(step, {k: last[k] for k in ("val_loss", "val_ppl", "val_bpb")})
-                self.logger.message(f"step {step}: val loss {last['val_loss']:.4f}, "
-                                    f"{self.eval_label} {last['val_bpb']:.3f}")
+                evaluated = self.evaluate()
+                last.update(evaluated)
+                self.logger.log(step, evaluated)
+                self.logger.message(task.eval_message(step, evaluated))
             if stop.signal:
                 self.logger.message(f"{stop.signal} received: saving step {step} and exiting")
                 self.save(step, force=True)

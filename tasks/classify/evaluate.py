@@ -9,9 +9,11 @@ import csv
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from configs import ConfigError
+from sharding.mesh import data_parallel_size
 from tasks.classify import model as cm
 from tasks.classify.dataset import Examples, LabelMap, encode_texts, read_csv
 from tasks.classify.metrics import classification_metrics
@@ -21,7 +23,7 @@ def load_classifier(run_dir: str | Path, mesh, overrides=()):
     """(cfg, graphdef, params, tokenizer, LabelMap) of a classification run directory."""
     from interop.tokenizers import has_tokenizer, load_tokenizer_dir
     from store.checkpoint import Checkpointer, read_config
-    from training.state import abstract_with_shardings
+    from training.state import abstract_with_shardings, param_layout
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"checkpoint directory not found: {run_dir}")
@@ -32,10 +34,10 @@ def load_classifier(run_dir: str | Path, mesh, overrides=()):
     labels = LabelMap.load(run_dir / "labels.json")
     if not has_tokenizer(run_dir):
         raise ConfigError(f"{run_dir} has no tokenizer (tokenizer.model or tokenizer.json)")
-    graphdef, abstract, shardings = cm.layout(cfg, len(labels.names), mesh)
+    graphdef, abstract, shardings = param_layout(cfg, mesh, cm.build(cfg, len(labels.names)))
     ckpt = Checkpointer(run_dir, async_save=False)
     try:
-        found = ckpt.restore(abstract_with_shardings(abstract["params"], shardings["params"]))
+        found = ckpt.restore(abstract_with_shardings(abstract, shardings))
     finally:
         ckpt.close()
     if found is None:
@@ -46,9 +48,9 @@ def load_classifier(run_dir: str | Path, mesh, overrides=()):
 def predict(cfg, graphdef, params, tokenizer, texts: list[str], mesh, batch_size: int | None = None):
     """Class probabilities [N,C] for `texts`, tokenized as in training (task.max_len)."""
     tokens, lengths = encode_texts(texts, tokenizer, cfg.task.max_len)
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]  # every call splits evenly over the batch axes
+    rows = data_parallel_size(mesh)  # every call splits evenly over the batch axes
     batch_size = -(-(batch_size or cfg.train.batch_size) // rows) * rows
-    fn = cm.jit_predict(graphdef, mesh, cm.layout(cfg, params["head_b"].shape[0], mesh)[2]["params"])
+    fn = cm.jit_predict(graphdef, mesh, jax.tree.map(lambda p: p.sharding, params))  # restored in place
     return cm.predict_probs(fn, params, tokens, lengths, batch_size)
 
 

@@ -1,24 +1,22 @@
-"""The classifier: the decoder backbone, a pooling of its hidden states, and a linear head.
+"""The classifier: the decoder backbone, a pooling of its hidden states, a linear head, and its loss.
 
 Parameters are {"backbone": <Transformer params>, "head_w": [D,C], "head_b": [C]}, so a language
 model's params drop into "backbone" unchanged (fine-tuning from a Tessera or Hugging Face
-checkpoint). The jitted steps take params as a pure dict, as training/step.py does.
+checkpoint). Training is the Trainer's (training/loop.py) with this module's `LOSS`; batches are
+tokens [B,T] right-padded, lengths [B], labels [B] and per-row loss weights [B].
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import Config, ModelConfig
 from model.layers import param
 from model.transformer import Transformer
-from model.init import match_shardings, pure_shardings
-from sharding.rules import BATCH, RULES, state_shardings
-
-BATCH_KEYS = ("tokens", "lengths", "labels", "valid")
+from sharding.rules import BATCH
+from training.step import TaskLoss
 
 
 def pool(h: jax.Array, lengths: jax.Array, how: str) -> jax.Array:
@@ -52,87 +50,37 @@ class Classifier(nnx.Module):
         return pooled @ self.head_w[...].astype(jnp.float32) + self.head_b[...].astype(jnp.float32)
 
 
-def build(cfg: Config, num_classes: int, rules: str | None = None, seed: int | None = None) -> Classifier:
-    seed = cfg.train.seed if seed is None else seed
-    return Classifier(cfg.model, num_classes, cfg.task.pooling, rngs=nnx.Rngs(seed),
-                      rules=rules or cfg.mesh.rules)
-
-
-def layout(cfg: Config, num_classes: int, mesh: Mesh, optimizer=None, rules: str | None = None):
-    """(graphdef, abstract state, state shardings) for params (and opt_state/step with an optimizer),
-    all in the pure-dict layout; nothing is allocated."""
-    rules = rules or cfg.mesh.rules
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(cfg, num_classes, rules)))
-    param_sh = pure_shardings(state_shardings(abstract, mesh, RULES[rules]))
-    params = nnx.to_pure_dict(abstract)
-    if optimizer is None:
-        return graphdef, {"params": params}, {"params": param_sh}
-    opt_abstract = jax.eval_shape(optimizer.init, params)
-    state = {"params": params, "opt_state": opt_abstract, "step": jax.ShapeDtypeStruct((), jnp.int32)}
-    shardings = {"params": param_sh, "opt_state": match_shardings(opt_abstract, param_sh, mesh),
-                 "step": NamedSharding(mesh, PartitionSpec())}
-    return graphdef, state, shardings
-
-
-def init_state(cfg: Config, num_classes: int, optimizer, shardings, backbone: dict | None = None) -> dict:
-    """Fresh train state created inside jit in its shardings; `backbone` (pure-dict LM params)
-    replaces the random backbone when fine-tuning from a checkpoint."""
-    def init(backbone):
-        params = nnx.to_pure_dict(nnx.state(build(cfg, num_classes)))
-        if backbone is not None:
-            params["backbone"] = backbone
-        return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
-
-    if backbone is None:
-        return jax.jit(lambda: init(None), out_shardings=shardings)()
-    return jax.jit(init, in_shardings=(shardings["params"]["backbone"],), out_shardings=shardings)(backbone)
+def build(cfg: Config, num_classes: int):
+    """The classifier's builder (`() -> Classifier`) for training.state's layout and init."""
+    return lambda: Classifier(cfg.model, num_classes, cfg.task.pooling, rngs=nnx.Rngs(cfg.train.seed),
+                              rules=cfg.mesh.rules)
 
 
 def batch_shardings(mesh: Mesh) -> dict:
+    """tokens [B,T] and the per-row keys [B]: rows over the data axes."""
     rows = NamedSharding(mesh, PartitionSpec(BATCH))
     return {"tokens": NamedSharding(mesh, PartitionSpec(BATCH, None)), "lengths": rows, "labels": rows,
-            "valid": rows}
+            "weights": rows}
 
 
-def loss_sums(graphdef, params: dict, batch: dict, weights: jax.Array):
-    """(weighted NLL sum, (weight sum, unweighted NLL sum, correct count, row count)). Padding rows
-    (valid 0) add nothing; class weights scale each row's NLL by its true class's weight."""
+def loss_fn(graphdef, params: dict, batch: dict):
+    """(weighted NLL sum, sums for the metrics) of one micro-batch; each row's NLL is scaled by its
+    weight (its true class's weight, 1 without task.class_weights)."""
     logits = nnx.merge(graphdef, params)(batch["tokens"], batch["lengths"])   # [B,C]
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["labels"][:, None], axis=-1)[:, 0]
-    valid = batch["valid"]
-    w = weights[batch["labels"]] * valid
-    correct = jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * valid)
-    return jnp.sum(w * nll), (jnp.sum(w), jnp.sum(nll * valid), correct, jnp.sum(valid))
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["labels"][:, None], axis=-1)[:, 0]  # [B]
+    correct = jnp.sum(jnp.argmax(logits, -1) == batch["labels"])
+    return jnp.sum(batch["weights"] * nll), {"weight": jnp.sum(batch["weights"]), "nll_sum": jnp.sum(nll),
+                                             "correct": correct.astype(jnp.float32),
+                                             "rows": jnp.float32(nll.shape[0])}
 
 
-def train_step(state: dict, batch: dict, weights: jax.Array, *, graphdef, optimizer, schedule,
-               grad_accum: int) -> tuple[dict, dict]:
-    """One optimizer step over `grad_accum` micro-batches; the loss is the weighted mean NLL."""
-    A = grad_accum
-    micro = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)  # [A,B/A,...]
-    grad_fn = jax.grad(lambda p, b: loss_sums(graphdef, p, b, weights), has_aux=True)
-
-    def accumulate(carry, mb):
-        grads, sums = carry
-        g, aux = grad_fn(state["params"], mb)
-        return (jax.tree.map(jnp.add, grads, g), tuple(s + a for s, a in zip(sums, aux))), None
-
-    zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    (grads, (wsum, nll, correct, rows)), _ = jax.lax.scan(accumulate, (zeros, (0.0,) * 4), micro)
-    grads = jax.tree.map(lambda g: g / jnp.maximum(wsum, 1e-9), grads)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": nll / jnp.maximum(rows, 1.0), "accuracy": correct / jnp.maximum(rows, 1.0),
-               "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
-    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+def summarize(aux: dict) -> dict:
+    """The logged loss is the unweighted mean NLL per row; accuracy is the batch's."""
+    rows = jnp.maximum(aux["rows"], 1.0)
+    return {"loss": aux["nll_sum"] / rows, "accuracy": aux["correct"] / rows}
 
 
-def jit_train_step(graphdef, optimizer, schedule, grad_accum: int, mesh: Mesh, state_sh):
-    fn = lambda state, batch, weights: train_step(state, batch, weights, graphdef=graphdef, optimizer=optimizer,
-                                                  schedule=schedule, grad_accum=grad_accum)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(fn, in_shardings=(state_sh, batch_shardings(mesh), replicated),
-                   out_shardings=(state_sh, replicated), donate_argnums=0)
+LOSS = TaskLoss(loss_fn, summarize)
 
 
 def jit_predict(graphdef, mesh: Mesh, param_sh):
