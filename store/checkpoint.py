@@ -120,18 +120,23 @@ def load_params(run_dir: str | Path, cfg: Config, mesh, rules: str | None = None
     """Restore the newest params of a run directory onto `mesh` under `rules`: (graphdef, state)."""
     from model.init import param_shardings
     graphdef, abstract, shardings = param_shardings(cfg, mesh, rules)
+    nnx.replace_by_pure_dict(abstract, restore_params(run_dir, abstract_pure(abstract, shardings)))
+    return graphdef, abstract
+
+
+def restore_params(run_dir: str | Path, abstract: dict) -> dict:
+    """The newest loadable params of a run directory, restored into `abstract` (ShapeDtypeStructs
+    carrying their target shardings, pure-dict layout)."""
     if not (Path(run_dir) / "checkpoints").is_dir():
         raise ConfigError(f"{run_dir} has no checkpoints/ directory")
     ckpt = Checkpointer(run_dir, async_save=False)
     try:
-        found = ckpt.restore(abstract_pure(abstract, shardings))
+        found = ckpt.restore(abstract)
     finally:
         ckpt.close()
     if found is None:
         raise ConfigError(f"no loadable checkpoint in {run_dir}/checkpoints")
-    _, params, _, _ = found
-    nnx.replace_by_pure_dict(abstract, params)
-    return graphdef, abstract
+    return found[1]
 
 
 def save_params(run_dir: str | Path, cfg: Config, state, step: int = 0) -> None:

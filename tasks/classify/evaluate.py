@@ -22,7 +22,7 @@ from tasks.classify.metrics import classification_metrics
 def load_classifier(run_dir: str | Path, mesh, overrides=()):
     """(cfg, graphdef, params, tokenizer, LabelMap) of a classification run directory."""
     from interop.tokenizers import has_tokenizer, load_tokenizer_dir
-    from store.checkpoint import Checkpointer, read_config
+    from store.checkpoint import read_config, restore_params
     from training.state import abstract_with_shardings, param_layout
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -35,14 +35,8 @@ def load_classifier(run_dir: str | Path, mesh, overrides=()):
     if not has_tokenizer(run_dir):
         raise ConfigError(f"{run_dir} has no tokenizer (tokenizer.model or tokenizer.json)")
     graphdef, abstract, shardings = param_layout(cfg, mesh, cm.build(cfg, len(labels.names)))
-    ckpt = Checkpointer(run_dir, async_save=False)
-    try:
-        found = ckpt.restore(abstract_with_shardings(abstract, shardings))
-    finally:
-        ckpt.close()
-    if found is None:
-        raise ConfigError(f"no loadable checkpoint in {run_dir}/checkpoints")
-    return cfg, graphdef, found[1], load_tokenizer_dir(run_dir), labels
+    params = restore_params(run_dir, abstract_with_shardings(abstract, shardings))
+    return cfg, graphdef, params, load_tokenizer_dir(run_dir), labels
 
 
 def predict(cfg, graphdef, params, tokenizer, texts: list[str], mesh, batch_size: int | None = None):
