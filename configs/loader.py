@@ -145,7 +145,7 @@ def parse_overrides(overrides: list[str]) -> dict:
 def resolve_path(path: str | os.PathLike) -> Path:
     """A preset path as given, or a bare name looked up in configs/ ('tiny' -> configs/tiny.yaml)."""
     p = Path(path)
-    if not p.exists() and not p.suffix and (CONFIG_DIR / f"{p}.yaml").exists():
+    if not p.exists() and p.suffix not in (".yaml", ".yml") and (CONFIG_DIR / f"{p}.yaml").exists():
         return CONFIG_DIR / f"{p}.yaml"
     return p
 

@@ -1,4 +1,4 @@
-"""Hugging Face interop: import/export Llama, Mistral and Qwen2 checkpoints and tokenizers.
+"""Hugging Face interop: import/export Llama, Mistral, Qwen2 and Qwen3 checkpoints and tokenizers.
 
 Modules: hf_config (config.json <-> ModelConfig), hf_weights (tensor names, streaming
 safetensors), tokenizers (tokenizer.json / tokenizer.model + chat templates), load (one loader for

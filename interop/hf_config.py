@@ -1,4 +1,4 @@
-"""Hugging Face config.json <-> Tessera ModelConfig for Llama 2/3/3.1, Mistral and Qwen2.
+"""Hugging Face config.json <-> Tessera ModelConfig for Llama 2/3/3.1, Mistral, Qwen2 and Qwen3.
 
 Only architectures whose every detail the Tessera model reproduces are accepted; anything else
 (another RoPE scaling type, an o_proj bias, a non-SiLU MLP, mixed sliding/full layers) is a
@@ -12,7 +12,8 @@ from pathlib import Path
 from configs import ARCHITECTURE_FIELDS, Config, ConfigError, ModelConfig, from_dict
 from configs.loader import _merge, parse_overrides
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3"}
 MODEL_TYPES = {family: arch for arch, family in ARCHITECTURES.items()}
 
 
@@ -35,7 +36,7 @@ def read_json(path: Path) -> dict:
 
 
 def family_of(hf: dict) -> str:
-    """'llama' | 'mistral' | 'qwen2' from `architectures` (or `model_type`), else an HFError."""
+    """'llama' | 'mistral' | 'qwen2' | 'qwen3' from `architectures` (or `model_type`), else an HFError."""
     archs = hf.get("architectures") or []
     for arch in archs:
         if arch in ARCHITECTURES:
@@ -88,7 +89,7 @@ def _sliding_window(hf: dict, family: str, n_layers: int) -> int:
         return window
     if family == "llama":
         return 0
-    # Qwen2 applies the window only when use_sliding_window, and only to layers >= max_window_layers.
+    # Qwen2 and Qwen3 apply the window only when use_sliding_window, and only to layers >= max_window_layers.
     kinds = hf.get("layer_types")
     if kinds:
         if set(kinds) == {"full_attention"} or not window:
@@ -111,6 +112,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         raise HFError(f"unsupported config.json field 'hidden_act' {act!r} (only silu)")
     if hf.get("mlp_bias"):
         raise HFError("unsupported config.json field 'mlp_bias': true")
+    # Llama's and Qwen3's attention_bias also puts a bias on o_proj, which Tessera lacks; Qwen2's
+    # q/k/v biases are unconditional and its o_proj never has one.
     if family != "qwen2" and hf.get("attention_bias"):
         raise HFError("unsupported config.json field 'attention_bias': true (o_proj bias)")
     d, n = int(_require(hf, "hidden_size")), int(_require(hf, "num_attention_heads"))
@@ -121,7 +124,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         mlp_dim=int(_require(hf, "intermediate_size")),
         max_seq_len=int(_require(hf, "max_position_embeddings")),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=family == "qwen2",
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
         sliding_window=_sliding_window(hf, family, n_layers), **_rope(hf))
 
 
@@ -141,14 +144,15 @@ def tessera_config(model: ModelConfig, overrides: list[str] | tuple = ()) -> Con
 
 def hf_config_from_model(m: ModelConfig, bos_id: int | None = None, eos_id: int | None = None,
                          dtype: str | None = None) -> dict:
-    """config.json for a Tessera ModelConfig: Qwen2 when it has q/k/v bias, Mistral when it has a
-    sliding window, Llama otherwise. RoPE is written in the 4.x layout (`rope_theta`,
-    `rope_scaling`), which transformers 4.x and 5.x both read."""
-    if m.qk_norm:
-        raise HFError("cannot export model.qk_norm=true: not a Llama, Mistral or Qwen2 model")
+    """config.json for a Tessera ModelConfig: Qwen3 when it has q/k norm, Qwen2 when it has q/k/v
+    bias, Mistral when it has a sliding window, Llama otherwise. RoPE is written in the 4.x layout
+    (`rope_theta`, `rope_scaling`), which transformers 4.x and 5.x both read."""
     if m.attn_logit_softcap:
-        raise HFError("cannot export model.attn_logit_softcap: Llama, Mistral and Qwen2 have no soft cap")
-    family = "qwen2" if m.qkv_bias else "mistral" if m.sliding_window else "llama"
+        raise HFError("cannot export model.attn_logit_softcap: Llama, Mistral, Qwen2 and Qwen3 have no soft cap")
+    if m.qk_norm and m.qkv_bias:
+        # Qwen3's only bias switch, attention_bias, also adds an o_proj bias Tessera does not have.
+        raise HFError("cannot export model.qkv_bias=true with model.qk_norm=true: Qwen3 has no q/k/v-only bias")
+    family = "qwen3" if m.qk_norm else "qwen2" if m.qkv_bias else "mistral" if m.sliding_window else "llama"
     rope_scaling = None
     if m.rope_scaling_factor > 0:
         rope_scaling = {"rope_type": "llama3", "factor": m.rope_scaling_factor,
@@ -166,8 +170,10 @@ def hf_config_from_model(m: ModelConfig, bos_id: int | None = None, eos_id: int 
         hf.update(attention_bias=False, mlp_bias=False)
     elif family == "mistral":
         hf.update(sliding_window=m.sliding_window)
-    else:
+    else:  # Qwen2, Qwen3: the window covers layers >= max_window_layers, so 0 means every layer
         hf.update(use_sliding_window=bool(m.sliding_window), sliding_window=m.sliding_window or None,
                   max_window_layers=0 if m.sliding_window else m.n_layers)
+    if family == "qwen3":
+        hf.update(attention_bias=False)
     return hf
 

@@ -74,9 +74,9 @@ def param_specs(m: ModelConfig) -> list[Spec]:
              Spec(("layers", "wk"), p + "self_attn.k_proj.weight", True),
              Spec(("layers", "wv"), p + "self_attn.v_proj.weight", True),
              Spec(("layers", "wo"), p + "self_attn.o_proj.weight", True, n_in=2)]
-    if m.qkv_bias:
+    if m.qkv_bias:  # Qwen2
         specs += [Spec(("layers", f"b{x}"), p + f"self_attn.{x}_proj.bias") for x in "qkv"]
-    if m.qk_norm:
+    if m.qk_norm:  # Qwen3: one [H] scale per layer, shared by every head
         specs += [Spec(("layers", f"{x}_norm"), p + f"self_attn.{x}_norm.weight") for x in "qk"]
     specs += [Spec(("layers", "mlp_norm"), p + "post_attention_layernorm.weight"),
               Spec(("layers", "w_gate"), p + "mlp.gate_proj.weight", True),

@@ -31,6 +31,38 @@ def test_preset_param_counts_match_published(preset):
     assert abs(n - PUBLISHED[preset]) / PUBLISHED[preset] < 0.005, n
 
 
+# Qwen3's published config.json values (besides vocab 151936, head_dim 128, 8 kv heads, rope_theta
+# 1e6, max_position_embeddings 40960, rms_norm_eps 1e-6, which both share).
+QWEN3 = {"qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                            tie_word_embeddings=True),
+         "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                          tie_word_embeddings=False)}
+
+
+@pytest.mark.parametrize("preset", sorted(QWEN3))
+def test_qwen3_presets_match_transformers(preset):
+    """The preset is Qwen3's architecture, and counts exactly transformers' parameters (a tied
+    embedding once), built on the meta device so nothing is allocated."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import jax
+    from flax import nnx
+    from configs import ARCHITECTURE_FIELDS
+    from interop.hf_config import model_config_from_hf
+    from model.init import abstract_model
+    from model.stats import param_count
+    hf = transformers.Qwen3Config(vocab_size=151936, head_dim=128, num_key_value_heads=8, rope_theta=1e6,
+                                  max_position_embeddings=40960, rms_norm_eps=1e-6, **QWEN3[preset])
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in transformers.Qwen3ForCausalLM(hf).parameters())  # shared once
+    cfg = load_config(preset)  # by bare name: "qwen3-0.6b" has a dot but is no file suffix
+    ours = model_config_from_hf(hf.to_dict())
+    arch = lambda m: {k: getattr(m, k) for k in ARCHITECTURE_FIELDS}
+    assert arch(cfg.model) == arch(ours)
+    assert param_count(cfg.model) == expected == {"qwen3-0.6b": 596049920, "qwen3-8b": 8190735360}[preset]
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(abstract_model(cfg)))) == expected
+
+
 def test_presets_inherit_and_override():
     cfg = load_config("llama3-70b")
     assert cfg.model.d_model == 8192 and cfg.model.vocab_size == 128256  # from llama2-70b and itself

@@ -1,7 +1,8 @@
 """`python -m interop.hf`: import/export with tokenizers, and bad input failing cleanly.
 
 Bad input (unsupported architecture, missing shard, shape mismatch, ...) must give a one-line
-error naming the field, tensor or file, exit code 2, and leave nothing at OUT_DIR.
+error naming the field, tensor or file, exit code 2, and leave nothing at OUT_DIR. An HF directory
+with its tokenizer is also used as it is: served (Qwen3) and fine-tuned from with train.init_from.
 """
 from __future__ import annotations
 
@@ -30,14 +31,19 @@ from conftest import ROOT  # noqa: E402
 TEXT = "Hello, wörld! Привет мир. 你好，世界。 🙂"
 
 
-def save_tiny_llama(path, **save_kwargs):
-    """A 2-layer random Llama plus a byte-level BPE tokenizer with a chat template."""
+def save_tiny_model(path, family: str = "Llama", config_extra: dict | None = None, **save_kwargs):
+    """A 2-layer random model of `family` plus a byte-level BPE tokenizer with a chat template;
+    returns the torch model."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      bos_token_id=0, eos_token_id=1)
-    transformers.LlamaForCausalLM(config).save_pretrained(path, **save_kwargs)
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, **(config_extra or {}))
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    with torch.no_grad():  # norm scales away from their all-ones init, so a q/k norm mix-up shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path, **save_kwargs)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     tok.train_from_iterator([TEXT] * 8, trainers.BpeTrainer(
@@ -45,13 +51,22 @@ def save_tiny_llama(path, **save_kwargs):
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     fast.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     fast.save_pretrained(path)
+    return model
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    save_tiny_llama(path)
+    save_tiny_model(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    """A tiny Qwen3: q/k norm, head_dim 32 (not hidden / heads = 16), GQA, tied embeddings."""
+    path = tmp_path_factory.mktemp("hf") / "tiny-qwen3"
+    model = save_tiny_model(path, "Qwen3", dict(head_dim=32, tie_word_embeddings=True, rope_theta=1000000.0))
+    return path, model
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +157,7 @@ def test_bad_config_fails_cleanly(hf_dir, tmp_path, capsys, change, fragments):
 
 def test_missing_shard_fails_cleanly(tmp_path, capsys):
     hf = tmp_path / "sharded"
-    save_tiny_llama(hf, max_shard_size="60KB")
+    save_tiny_model(hf, max_shard_size="60KB")
     index = json.loads((hf / "model.safetensors.index.json").read_text())
     victim = sorted(set(index["weight_map"].values()))[1]
     (hf / victim).unlink()
@@ -170,10 +185,10 @@ def test_existing_output_and_unexportable_model(hf_dir, tmp_path, capsys):
     code, err = run_cli(capsys, "import", str(hf_dir), str(out_dir))
     assert code == 2 and "already exists" in err and (out_dir / "keep.txt").read_text() == "mine"
 
-    run_dir = tmp_path / "qk"
-    write_config(run_dir, load_config("tiny", ["model.qk_norm=true"]))
+    run_dir = tmp_path / "qk"  # q/k norm exports as Qwen3, whose only bias switch adds an o_proj bias
+    write_config(run_dir, load_config("tiny", ["model.qk_norm=true", "model.qkv_bias=true"]))
     code, err = run_cli(capsys, "export", str(run_dir), str(tmp_path / "exp"))
-    assert code == 2 and "model.qk_norm" in err and not (tmp_path / "exp").exists()
+    assert code == 2 and "model.qkv_bias" in err and not (tmp_path / "exp").exists()
 
 
 def test_checkpoint_config_and_adopt_architecture(hf_dir, tmp_path, mesh):
@@ -188,3 +203,52 @@ def test_checkpoint_config_and_adopt_architecture(hf_dir, tmp_path, mesh):
     (tmp_path / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
     with pytest.raises(ConfigError, match=r"no \*.safetensors weights"):
         load_checkpoint(tmp_path, mesh)
+
+
+def test_serve_qwen3_hf_directory(qwen3_dir):
+    """The serving loader takes a Qwen3 HF directory as it is; paged greedy decoding picks
+    transformers' tokens with its logprobs."""
+    from serving.engine import Engine
+    from serving.load import load_for_serving
+    from serving.sampling import SamplingParams
+    path, model = qwen3_dir
+    cfg, mesh, params, tok = load_for_serving(str(path), ["serve.kv_dtype=float32"])
+    assert cfg.model.qk_norm and cfg.model.resolved_head_dim == 32 and isinstance(tok, HFTokenizer)
+    prompt, n = tok.encode(TEXT)[:16], 16
+    eng = Engine(cfg, params, tok, mesh=mesh).start()
+    try:
+        out = eng.generate(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    finally:
+        eng.stop()
+    ids = np.array(out["token_ids"])
+    with torch.no_grad():  # transformers teacher-forced on the served tokens
+        logits = model(torch.tensor([prompt + ids.tolist()])).logits[0, len(prompt) - 1:-1]
+    logp = torch.log_softmax(logits.float(), -1).numpy()                           # [n,V]
+    diff = float(np.abs(np.array(out["logprobs"]) - logp[np.arange(n), ids]).max())
+    print(f"serve qwen3: max abs logprob diff {diff:.2e}")
+    assert len(ids) == n and diff <= 1e-4, diff
+    # Top-1 must agree wherever transformers' top-2 margin is beyond rounding.
+    top2 = np.sort(logp, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2e-4
+    assert clear.mean() >= 0.9 and (logp.argmax(-1)[clear] == ids[clear]).all()
+
+
+def test_train_init_from_qwen3_hf_directory(qwen3_dir, tmp_path):
+    """train.init_from takes a Qwen3 HF directory: its architecture, tokenizer and weights."""
+    from training.loop import Trainer
+    path, _ = qwen3_dir
+    text = tmp_path / "text.txt"
+    text.write_text((TEXT + "\n") * 200)
+    cfg = load_config("tiny", [f"data.path={text}", f"data.val_path={text}", "data.seq_len=32",
+                               "train.batch_size=8", "train.eval_batches=1", f"train.init_from={path}",
+                               f"train.run_dir={tmp_path / 'run'}"])
+    run = Trainer(cfg, log_enabled=False)
+    try:
+        m = run.cfg.model
+        assert (m.qk_norm, m.head_dim, m.tie_embeddings, m.rope_theta) == (True, 32, True, 1e6)
+        assert (tmp_path / "run" / "tokenizer.json").is_file()
+        _, _, expected, _ = load_checkpoint(path, run.mesh, progress=False)
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.state["params"]),
+                     jax.tree.map(np.asarray, nnx.to_pure_dict(expected)))
+    finally:
+        run.close()

@@ -7,6 +7,7 @@ exports it back, reloads it in transformers (identical logits) and re-imports it
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -35,6 +36,11 @@ CASES = {  # name: (transformers class name, config extras, save_pretrained kwar
     "mistral_sliding_window": ("Mistral", dict(sliding_window=8), {}),
     "qwen2_bias_sharded": ("Qwen2", dict(rope_theta=1000000.0), dict(max_shard_size="200KB")),
     "llama_tied": ("Llama", dict(tie_word_embeddings=True, num_key_value_heads=4), {}),
+    # Qwen3: q/k RMSNorm per head; head_dim set apart from hidden_size / heads (16 here), GQA 4:2;
+    # the window case keeps Qwen3Config's default head_dim, 128.
+    "qwen3_untied_head_dim32": ("Qwen3", dict(head_dim=32, rope_theta=1000000.0), {}),
+    "qwen3_tied_head_dim8": ("Qwen3", dict(head_dim=8, tie_word_embeddings=True, rope_theta=1000000.0), {}),
+    "qwen3_sliding_window": ("Qwen3", dict(use_sliding_window=True, max_window_layers=0, sliding_window=8), {}),
 }
 FP32 = ["model.compute_dtype=float32", "model.param_dtype=float32", "model.remat=none", "model.attention_impl=xla"]
 PROMPT_LEN, NEW_TOKENS = 24, 32
@@ -91,7 +97,10 @@ def test_import_logits_greedy_export_roundtrip(case, tmp_path, mesh):
     cfg = import_hf(hf_dir, run_dir, mesh=mesh, progress=False)
     assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "0").is_dir()
     assert cfg.model.sliding_window == extra.get("sliding_window", 0)
-    assert cfg.model.qkv_bias == (family == "Qwen2")
+    assert cfg.model.qkv_bias == (family == "Qwen2") and cfg.model.qk_norm == (family == "Qwen3")
+    # Qwen3Config's own default head_dim is 128, whatever hidden_size is.
+    assert cfg.model.resolved_head_dim == (getattr(model.config, "head_dim", None) or 16)
+    assert cfg.model.tie_embeddings == extra.get("tie_word_embeddings", False)
     cfg, graphdef, state, _ = load_checkpoint(run_dir, mesh, overrides=FP32)
 
     rng = np.random.default_rng(0)
@@ -156,3 +165,19 @@ def test_config_mapping_of_published_layouts():
         model_config_from_hf({**qwen, "use_sliding_window": True})
     with pytest.raises(ConfigError, match="'attention_bias'"):
         model_config_from_hf({**llama31, "attention_bias": True})
+    # Qwen3-8B's config.json as published (transformers 4.51 layout).
+    qwen3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
+             "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 12288,
+             "max_position_embeddings": 40960, "max_window_layers": 36, "num_attention_heads": 32,
+             "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None,
+             "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": False,
+             "use_sliding_window": False, "vocab_size": 151936}
+    m = model_config_from_hf(qwen3)
+    assert m.qk_norm and not m.qkv_bias and m.sliding_window == 0 and (m.head_dim, m.rope_theta) == (128, 1e6)
+    out = hf_config_from_model(m)
+    assert out["architectures"] == ["Qwen3ForCausalLM"] and not out["attention_bias"] and not out["use_sliding_window"]
+    assert model_config_from_hf(out) == m
+    with pytest.raises(ConfigError, match="'attention_bias'"):
+        model_config_from_hf({**qwen3, "attention_bias": True})
+    with pytest.raises(ConfigError, match="model.qkv_bias"):
+        hf_config_from_model(dataclasses.replace(m, qkv_bias=True))
