@@ -17,7 +17,8 @@ class ModelConfig:
     n_heads: int = 32                # N query heads
     n_kv_heads: int = 32             # K kv heads (grouped-query when K < N)
     head_dim: int = 0                # H; 0 means d_model // n_heads
-    mlp_dim: int = 11008             # F (SwiGLU hidden)
+    mlp_dim: int = 11008             # F (gated MLP hidden)
+    mlp_activation: str = "silu"     # silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
@@ -27,10 +28,18 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
+    rope_scaling_type: str = "llama3"  # llama3 | linear (inv_freq / factor, Gemma 3)
+    rope_local_theta: float = 0.0    # RoPE base of local (windowed) layers; 0 = rope_theta
+    global_every: int = 0            # g: layer i global iff (i+1) % g == 0, else local; 0 = all alike
     qkv_bias: bool = False           # Qwen2
     qk_norm: bool = False            # Qwen3
     sliding_window: int = 0          # Mistral; 0 means full causal attention
     attn_logit_softcap: float = 0.0  # 0 disables the tanh soft cap
+    final_logit_softcap: float = 0.0  # cap * tanh(logits / cap) on the output logits; 0 disables
+    query_pre_attn_scalar: float = 0.0  # attention scale is this ** -0.5; 0 means head_dim
+    norm_offset: float = 0.0         # RMSNorm scales by (offset + w); Gemma 1.0
+    embed_scale: bool = False        # embeddings times sqrt(d_model) (Gemma)
+    post_norms: bool = False         # RMSNorm on attention and MLP outputs before the residual add
     init_std: float = 0.02
     param_dtype: str = "float32"
     compute_dtype: str = "auto"      # auto: bfloat16 on TPU/GPU, float32 on CPU
@@ -52,7 +61,9 @@ class ModelConfig:
 ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_dim",
                        "max_seq_len", "tie_embeddings", "norm_eps", "rope_theta", "rope_scaling_factor",
                        "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len", "qkv_bias",
-                       "qk_norm", "sliding_window", "attn_logit_softcap")
+                       "qk_norm", "sliding_window", "attn_logit_softcap", "mlp_activation",
+                       "rope_scaling_type", "rope_local_theta", "global_every", "final_logit_softcap",
+                       "query_pre_attn_scalar", "norm_offset", "embed_scale", "post_norms")
 
 
 @dataclass(frozen=True)
@@ -162,9 +173,13 @@ SCHEDULES = ("cosine", "linear", "constant")
 KV_CACHE_DTYPES = ("bfloat16", "int8", "float32")
 TASK_KINDS = ("lm", "classify")
 POOLINGS = ("last", "mean")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+ROPE_SCALING_TYPES = ("llama3", "linear")
 
 CHOICES = {
     "model.remat": REMATS,
+    "model.mlp_activation": MLP_ACTIVATIONS,
+    "model.rope_scaling_type": ROPE_SCALING_TYPES,
     "model.attention_impl": ATTENTION_IMPLS,
     "model.param_dtype": PARAM_DTYPES,
     "model.compute_dtype": COMPUTE_DTYPES,

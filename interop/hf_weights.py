@@ -78,8 +78,13 @@ def param_specs(m: ModelConfig) -> list[Spec]:
         specs += [Spec(("layers", f"b{x}"), p + f"self_attn.{x}_proj.bias") for x in "qkv"]
     if m.qk_norm:  # Qwen3: one [H] scale per layer, shared by every head
         specs += [Spec(("layers", f"{x}_norm"), p + f"self_attn.{x}_norm.weight") for x in "qk"]
-    specs += [Spec(("layers", "mlp_norm"), p + "post_attention_layernorm.weight"),
-              Spec(("layers", "w_gate"), p + "mlp.gate_proj.weight", True),
+    if m.post_norms:  # Gemma 2/3: the norm before the MLP is pre_feedforward_layernorm
+        specs += [Spec(("layers", "post_attn_norm"), p + "post_attention_layernorm.weight"),
+                  Spec(("layers", "mlp_norm"), p + "pre_feedforward_layernorm.weight"),
+                  Spec(("layers", "post_mlp_norm"), p + "post_feedforward_layernorm.weight")]
+    else:
+        specs.append(Spec(("layers", "mlp_norm"), p + "post_attention_layernorm.weight"))
+    specs += [Spec(("layers", "w_gate"), p + "mlp.gate_proj.weight", True),
               Spec(("layers", "w_up"), p + "mlp.up_proj.weight", True),
               Spec(("layers", "w_down"), p + "mlp.down_proj.weight", True),
               Spec(("final_norm",), "model.norm.weight")]

@@ -10,11 +10,14 @@ from flax import nnx
 from configs import ModelConfig
 
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init: str = "normal",
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init: str | float = "normal",
           std: float = 0.02) -> nnx.Param:
-    """An nnx.Param carrying its logical axis names (read by sharding.rules)."""
+    """An nnx.Param carrying its logical axis names (read by sharding.rules); init is normal,
+    ones, zeros or a constant fill value."""
     assert len(shape) == len(axes), (shape, axes)
-    if init == "normal":
+    if isinstance(init, float):
+        value = jnp.full(shape, init, jnp.float32)
+    elif init == "normal":
         value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
     elif init == "ones":
         value = jnp.ones(shape, jnp.float32)
@@ -43,19 +46,23 @@ def linear(eq: str, x: jax.Array, w) -> jax.Array:
     return jnp.einsum(eq, x, w.astype(x.dtype))
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis, statistics in fp32."""
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """RMSNorm over the last axis, statistics in fp32, times (offset + scale) (Gemma: offset 1)."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+    return (y * (offset + scale.astype(jnp.float32))).astype(x.dtype)
 
 
-def rope_frequencies(cfg: ModelConfig) -> jax.Array:
-    """[H/2] inverse frequencies, with Llama-3.1 scaling when rope_scaling_factor > 0."""
+def rope_frequencies(cfg: ModelConfig, local: bool = False) -> jax.Array:
+    """[H/2] inverse frequencies. Global layers: rope_theta, scaled (Llama-3.1 or linear) when
+    rope_scaling_factor > 0; local layers: rope_local_theta (or rope_theta), never scaled."""
     H = cfg.resolved_head_dim
-    inv = 1.0 / cfg.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H)
-    if cfg.rope_scaling_factor <= 0:
+    theta = (cfg.rope_local_theta or cfg.rope_theta) if local else cfg.rope_theta
+    inv = 1.0 / theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H)
+    if cfg.rope_scaling_factor <= 0 or local:
         return inv
+    if cfg.rope_scaling_type == "linear":
+        return inv / cfg.rope_scaling_factor
     factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
     wavelen = 2 * math.pi / inv
     low_wavelen = cfg.rope_original_max_len / low

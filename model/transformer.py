@@ -6,7 +6,9 @@ only in the `attend` function they hand it (full attention over the rows themsel
 into and reads from the paged KV cache, serving/decode.py) and the `state` it threads through the
 layers (the cache). int8 weights (model/quant.py QArrays) go through the same `linear` and
 `embed`. Variants by config: GQA, tied embeddings, q/k/v bias (Qwen2), q/k RMSNorm (Qwen3),
-sliding window (Mistral), Llama-3 RoPE scaling.
+sliding window (Mistral), Llama-3 or linear RoPE scaling, and Gemma 2/3's GeGLU, (1 + w) norms,
+scaled embeddings, post norms, soft caps, query_pre_attn_scalar and alternating local/global
+layers (`global_every`), run as a scan over groups of layers with static per-layer windows.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ REMAT_POLICIES = {
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-# attend(q [B,T,N,H], k, v [B,T,K,H], layer index, state) -> (attention output [B,T,N,H], state)
+# attend(q [B,T,N,H], k, v [B,T,K,H], layer index, state, window) -> (attention output [B,T,N,H],
+# state); window is the layer's static sliding window (0 = full causal).
 Attend = Callable[..., tuple[jax.Array, object]]
 
 
@@ -41,7 +44,8 @@ class Layers(nnx.Module):
                             cfg.resolved_head_dim, cfg.mlp_dim)
         dt, std = jnp.dtype(cfg.param_dtype), cfg.init_std
         p = lambda shape, axes, init="normal": param(rngs, shape, axes, dt, init, std)
-        self.attn_norm = p((L, D), ("layers", "norm"), "ones")
+        one = 1.0 - cfg.norm_offset  # norm weights stored as HF does; effective scale starts at 1
+        self.attn_norm = p((L, D), ("layers", "norm"), one)
         self.wq = p((L, D, N, H), ("layers", "embed", "heads", "head_dim"))
         self.wk = p((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"))
         self.wv = p((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"))
@@ -51,9 +55,12 @@ class Layers(nnx.Module):
             self.bk = p((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
             self.bv = p((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
         if cfg.qk_norm:
-            self.q_norm = p((L, H), ("layers", "norm"), "ones")
-            self.k_norm = p((L, H), ("layers", "norm"), "ones")
-        self.mlp_norm = p((L, D), ("layers", "norm"), "ones")
+            self.q_norm = p((L, H), ("layers", "norm"), one)
+            self.k_norm = p((L, H), ("layers", "norm"), one)
+        if cfg.post_norms:
+            self.post_attn_norm = p((L, D), ("layers", "norm"), one)
+            self.post_mlp_norm = p((L, D), ("layers", "norm"), one)
+        self.mlp_norm = p((L, D), ("layers", "norm"), one)
         self.w_gate = p((L, D, F), ("layers", "embed", "mlp"))
         self.w_up = p((L, D, F), ("layers", "embed", "mlp"))
         self.w_down = p((L, F, D), ("layers", "mlp", "embed"))
@@ -67,37 +74,58 @@ def project_qkv(p: dict, x: jax.Array, positions: jax.Array, cfg: ModelConfig, i
     if cfg.qkv_bias:
         q, k, v = q + p["bq"].astype(q.dtype), k + p["bk"].astype(k.dtype), v + p["bv"].astype(v.dtype)
     if cfg.qk_norm:
-        q, k = rms_norm(q, p["q_norm"], cfg.norm_eps), rms_norm(k, p["k_norm"], cfg.norm_eps)
-    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+        q = rms_norm(q, p["q_norm"], cfg.norm_eps, cfg.norm_offset)
+        k = rms_norm(k, p["k_norm"], cfg.norm_eps, cfg.norm_offset)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    H = cfg.resolved_head_dim
+    if cfg.query_pre_attn_scalar and cfg.query_pre_attn_scalar != H:
+        # The kernels scale logits by H**-0.5; the model wants query_pre_attn_scalar**-0.5.
+        q = q * jnp.asarray((H / cfg.query_pre_attn_scalar) ** 0.5, q.dtype)
+    return q, k, v
 
 
-def mlp(p: dict, x: jax.Array, rules: str) -> jax.Array:
-    """SwiGLU: [B,T,D] -> [B,T,D]."""
+def mlp(p: dict, x: jax.Array, cfg: ModelConfig, rules: str) -> jax.Array:
+    """Gated MLP, SwiGLU or GeGLU (tanh GELU): [B,T,D] -> [B,T,D]."""
     gate = linear("BTD,DF->BTF", x, p["w_gate"])
     up = linear("BTD,DF->BTF", x, p["w_up"])
-    h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"), rules)
+    act = jax.nn.silu(gate) if cfg.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    h = constrain(act * up, ("batch", "seq", "act_mlp"), rules)
     return linear("BTF,FD->BTD", h, p["w_down"])
+
+
+def layer_kinds(cfg: ModelConfig) -> tuple[tuple[int, bool], ...]:
+    """(static sliding window, local RoPE) of every layer: all alike when global_every is 0, else
+    layer i is global (full attention, rope_theta, scaled) iff (i+1) % global_every == 0."""
+    g = cfg.global_every
+    if not g:
+        return ((cfg.sliding_window, False),) * cfg.n_layers
+    return tuple((0, False) if (i + 1) % g == 0 else (cfg.sliding_window, True) for i in range(cfg.n_layers))
 
 
 def full_attention(cfg: ModelConfig, positions, segment_ids=None) -> Attend:
     """`attend` for causal attention of rows over themselves: training, evaluation, prefill."""
-    def attend(q, k, v, layer, state):
+    def attend(q, k, v, layer, state, window):
         out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                         q_positions=positions, kv_positions=positions, causal=True,
-                        sliding_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap,
+                        sliding_window=window, logit_softcap=cfg.attn_logit_softcap,
                         impl=cfg.attention_impl, block_q=cfg.attn_block_q, block_kv=cfg.attn_block_kv)
         return out, state                                                   # [B,T,N,H]
     return attend
 
 
-def block(p: dict, x: jax.Array, positions, attend: Attend, layer, state, cfg: ModelConfig, rules: str):
-    """One pre-norm decoder block on x [B,T,D] -> (x [B,T,D], attention state)."""
-    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q, k, v = project_qkv(p, h, positions, cfg, rope_frequencies(cfg))
+def block(p: dict, x: jax.Array, positions, attend: Attend, layer, state, cfg: ModelConfig, rules: str,
+          kind: tuple[int, bool]):
+    """One pre-norm decoder block on x [B,T,D] -> (x [B,T,D], attention state). kind: the
+    layer's (static window, local RoPE), from layer_kinds."""
+    window, local = kind
+    norm = lambda y, w: rms_norm(y, w, cfg.norm_eps, cfg.norm_offset)
+    q, k, v = project_qkv(p, norm(x, p["attn_norm"]), positions, cfg, rope_frequencies(cfg, local))
     q = constrain(q, ("batch", "seq", "act_heads", None), rules)
-    attn, state = attend(q, k, v, layer, state)                             # [B,T,N,H]
-    x = x + linear("BTNH,NHD->BTD", attn, p["wo"])
-    x = x + mlp(p, rms_norm(x, p["mlp_norm"], cfg.norm_eps), rules)
+    attn, state = attend(q, k, v, layer, state, window)                     # [B,T,N,H]
+    out = linear("BTNH,NHD->BTD", attn, p["wo"])
+    x = x + (norm(out, p["post_attn_norm"]) if cfg.post_norms else out)
+    out = mlp(p, norm(x, p["mlp_norm"]), cfg, rules)
+    x = x + (norm(out, p["post_mlp_norm"]) if cfg.post_norms else out)
     return constrain(x, ("batch", "seq", "act_embed"), rules), state
 
 
@@ -108,6 +136,8 @@ def embed(params: dict, tokens: jax.Array, cfg: ModelConfig, rules: str) -> jax.
         # Gather from a replicated table: a lookup into a sharded table makes XLA replicate anyway.
         table = constrain(table, (None, None), rules)
     x = take_rows(table, tokens, compute_dtype(cfg))
+    if cfg.embed_scale:  # as HF Gemma: the normalizer sqrt(D) rounded to the compute dtype
+        x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
     return constrain(x, ("batch", "seq", "act_embed"), rules)
 
 
@@ -116,29 +146,48 @@ def decoder(params: dict, x: jax.Array, positions, attend: Attend, cfg: ModelCon
     """The L blocks over embedded x [B,T,D] -> (final-normed hidden [B,T,D], attention state).
 
     `state` rides along the layers (the paged KV cache when serving), so with donation XLA
-    updates it in place; `remat` is a REMAT_POLICIES key, for training only.
+    updates it in place; `remat` is a REMAT_POLICIES key, for training only. Layers run as a
+    scan over groups of g = global_every layers (weights [L/g, g, ...], the g blocks unrolled in
+    the body, each with its static window and RoPE), then a scan over the L % g local layers left.
     """
-    def step(carry, xs):
-        (x, state), (p, layer) = carry, xs
-        return block(p, x, positions, attend, layer, state, cfg, rules), None
+    kinds = layer_kinds(cfg)
+
+    def one(carry, p, layer, kind):
+        x, state = carry
+        return block(p, x, positions, attend, layer, state, cfg, rules, kind)
 
     if remat != "none":
-        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat])
-    xs = (params["layers"], jnp.arange(cfg.n_layers, dtype=jnp.int32))
+        one = jax.checkpoint(one, policy=REMAT_POLICIES[remat], static_argnums=(3,))
+    L, g = cfg.n_layers, max(cfg.global_every, 1)
     carry = (x, state)
-    if scan:
-        carry, _ = jax.lax.scan(step, carry, xs)
+    xs = (params["layers"], jnp.arange(L, dtype=jnp.int32))
+    if not scan:
+        for i in range(L):
+            carry = one(carry, *jax.tree.map(lambda w: w[i], xs), kinds[i])
     else:
-        for i in range(cfg.n_layers):
-            carry, _ = step(carry, jax.tree.map(lambda w: w[i], xs))
+        full = L - L % g
+
+        def group(carry, xs):                                               # xs: [g, ...] leaves
+            for j in range(g):
+                carry = one(carry, *jax.tree.map(lambda w: w[j], xs), kinds[j])
+            return carry, None
+
+        if full:
+            grouped = jax.tree.map(lambda w: w[:full].reshape(full // g, g, *w.shape[1:]), xs)
+            carry, _ = jax.lax.scan(group, carry, grouped)
+        if full < L:  # the leftover layers are all local: one kind, a plain scan
+            rest = lambda carry, xs: (one(carry, *xs, kinds[full]), None)
+            carry, _ = jax.lax.scan(rest, carry, jax.tree.map(lambda w: w[full:], xs))
     x, state = carry
-    return rms_norm(x, params["final_norm"], cfg.norm_eps), state
+    return rms_norm(x, params["final_norm"], cfg.norm_eps, cfg.norm_offset), state
 
 
 def logits(params: dict, h: jax.Array, cfg: ModelConfig, rules: str) -> jax.Array:
     """Hidden [B,T,D] -> fp32 logits [B,T,V]: tied or separate head, float or int8."""
     w = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]  # [D,V]
     out = linear("BTD,DV->BTV", h, w).astype(jnp.float32)
+    if cfg.final_logit_softcap:
+        out = cfg.final_logit_softcap * jnp.tanh(out / cfg.final_logit_softcap)
     return constrain(out, ("batch", "seq", "act_vocab"), rules)
 
 
@@ -170,7 +219,7 @@ class Transformer(nnx.Module):
         dt = jnp.dtype(cfg.param_dtype)
         self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dt, std=cfg.init_std)
         self.layers = Layers(cfg, rngs)
-        self.final_norm = param(rngs, (cfg.d_model,), ("norm",), dt, "ones")
+        self.final_norm = param(rngs, (cfg.d_model,), ("norm",), dt, 1.0 - cfg.norm_offset)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dt, std=cfg.init_std)
 

@@ -39,9 +39,9 @@ def prefill(params: dict, cache: KVCache, tokens, length, page_row, temperature,
     pages, offsets = slot_indices(page_row, positions, positions < length, cache.page_size)
     over_prompt = full_attention(m, positions)
 
-    def attend(q, k, v, layer, cache):                                    # [1,Tb,N|K,H]
+    def attend(q, k, v, layer, cache, window):                            # [1,Tb,N|K,H]
         cache = write_layer(cache, layer, k, v, pages, offsets)
-        return over_prompt(q, k, v, layer, None)[0], cache
+        return over_prompt(q, k, v, layer, None, window)[0], cache
 
     h, cache = decoder(params, embed(params, tokens, m, rules), positions, attend, m, rules, cache)
     last = jax.lax.dynamic_slice_in_dim(h, length - 1, 1, axis=1)         # [1,1,D]
@@ -67,11 +67,11 @@ def decode_step(params: dict, cache: KVCache, tokens, positions, page_table, tem
     lengths = jnp.where(active, positions + 1, 0).astype(jnp.int32)       # [B]
     pages, offsets = slot_indices(page_table, pos, active[:, None], cache.page_size)
 
-    def attend(q, k, v, layer, cache):                                    # q [B,1,N,H]
+    def attend(q, k, v, layer, cache, window):                            # q [B,1,N,H]
         cache = write_layer(cache, layer, k, v, pages, offsets)
         kp, vp, ks, vs = cache.layer(layer)                               # [P,ps,K,H] (+[P,ps,K])
         out = paged_attention(q, kp, vp, page_table, lengths, k_scales=ks, v_scales=vs,
-                              sliding_window=m.sliding_window, logit_softcap=m.attn_logit_softcap,
+                              sliding_window=window, logit_softcap=m.attn_logit_softcap,
                               impl=m.attention_impl)
         return out.astype(q.dtype), cache                                 # [B,1,N,H]
 

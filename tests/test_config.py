@@ -63,6 +63,53 @@ def test_qwen3_presets_match_transformers(preset):
     assert sum(x.size for x in jax.tree.leaves(nnx.state(abstract_model(cfg)))) == expected
 
 
+# Gemma's published config.json values (text part of Gemma 3 4B/12B); transformers' config
+# defaults supply the rest (Gemma 2: soft caps 50/30, window 4096, every 2nd layer global;
+# Gemma 3: local RoPE base 1e4, global 1e6, every 6th layer global).
+GEMMA = {
+    "gemma2-2b": ("Gemma2", 2614341888, dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                                             num_attention_heads=8, num_key_value_heads=4, vocab_size=256000)),
+    "gemma2-9b": ("Gemma2", 9241705984, dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                                             num_attention_heads=16, num_key_value_heads=8, vocab_size=256000)),
+    "gemma3-1b": ("Gemma3", 999885952, dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                                            num_attention_heads=4, num_key_value_heads=1, vocab_size=262144,
+                                            sliding_window=512, max_position_embeddings=32768)),
+    "gemma3-4b": ("Gemma3", 3880263168, dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                                             num_attention_heads=8, num_key_value_heads=4, sliding_window=1024,
+                                             rope_scaling={"rope_type": "linear", "factor": 8.0})),
+    "gemma3-12b": ("Gemma3", 11766034176, dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                                               num_attention_heads=16, num_key_value_heads=8, sliding_window=1024,
+                                               rope_scaling={"rope_type": "linear", "factor": 8.0})),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(GEMMA))
+def test_gemma_presets_match_transformers(preset):
+    """As for Qwen3: the architecture of transformers' config, and exactly its parameter count."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from configs import ARCHITECTURE_FIELDS
+    from interop.hf_config import model_config_from_hf
+    from model.stats import param_count
+    family, count, values = GEMMA[preset]
+    config_cls = transformers.Gemma2Config if family == "Gemma2" else transformers.Gemma3TextConfig
+    hf = config_cls(head_dim=256, query_pre_attn_scalar=256, **values)
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in getattr(transformers, f"{family}ForCausalLM")(hf).parameters())
+    cfg = load_config(preset)
+    arch = lambda m: {k: getattr(m, k) for k in ARCHITECTURE_FIELDS}
+    assert arch(cfg.model) == arch(model_config_from_hf(hf.to_dict()))
+    assert param_count(cfg.model) == expected == count
+    # FLOPs: global layers attend causally over T, local ones over their window W only.
+    from model.stats import flops_per_token
+    m, T = cfg.model, 8192
+    W, n_global = m.sliding_window, m.n_layers // m.global_every
+    keys = n_global * (T + 1) / 2 + (m.n_layers - n_global) * (W * (W + 1) / 2 + (T - W) * W) / T
+    dense = flops_per_token(dataclasses.replace(m, sliding_window=0, global_every=0), T, training=False)
+    want = dense - 4 * m.n_heads * 256 * (m.n_layers * (T + 1) / 2 - keys)
+    assert flops_per_token(m, T, training=False) == pytest.approx(want, rel=1e-12)
+
+
 def test_presets_inherit_and_override():
     cfg = load_config("llama3-70b")
     assert cfg.model.d_model == 8192 and cfg.model.vocab_size == 128256  # from llama2-70b and itself
@@ -80,6 +127,7 @@ def test_presets_inherit_and_override():
     (["model.tie_embeddings=maybe"], "config key 'model.tie_embeddings' expects bool"),
     (["mesh.rules=zero"], "config key 'mesh.rules' must be one of fsdp, fsdp_tp, serve_tp"),
     (["model.n_kv_heads=3"], "model.n_heads (4) must be a multiple of model.n_kv_heads (3)"),
+    (["model.global_every=-2"], "config key 'model.global_every' must be >= 0 (0 = off); got -2"),
     (["data.seq_len=4096"], "data.seq_len (4096) exceeds model.max_seq_len (512)"),
     (["train"], "override 'train' must look like section.key=value"),
 ])

@@ -30,6 +30,9 @@ TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_l
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig"}
 CASES = {  # name: (transformers class name, config extras, save_pretrained kwargs)
     "llama_gqa": ("Llama", {}, {}),
     "llama3_rope_scaling": ("Llama", dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0), {}),
@@ -41,6 +44,16 @@ CASES = {  # name: (transformers class name, config extras, save_pretrained kwar
     "qwen3_untied_head_dim32": ("Qwen3", dict(head_dim=32, rope_theta=1000000.0), {}),
     "qwen3_tied_head_dim8": ("Qwen3", dict(head_dim=8, tie_word_embeddings=True, rope_theta=1000000.0), {}),
     "qwen3_sliding_window": ("Qwen3", dict(use_sliding_window=True, max_window_layers=0, sliding_window=8), {}),
+    # Gemma 2: GeGLU, (1 + w) norms, post norms, scaled embeddings, sliding layers 0 and 2 (window 8
+    # < 56 tokens), soft caps low enough to bite, query_pre_attn_scalar apart from head_dim.
+    "gemma2_softcaps_window": ("Gemma2", dict(num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=24,
+                                              sliding_window=8, attn_logit_softcapping=3.0,
+                                              final_logit_softcapping=5.0, tie_word_embeddings=True), {}),
+    # Gemma 3: plus (1 + w) q/k norm; every 3rd of 5 layers global (two groups of 3 would need 6:
+    # here one group and 2 local layers left), local RoPE base 1e4, global 1e6 with linear scaling.
+    "gemma3_pattern3_linear_rope": ("Gemma3", dict(
+        num_hidden_layers=5, head_dim=16, query_pre_attn_scalar=16, sliding_window=8, sliding_window_pattern=3,
+        tie_word_embeddings=True, rope_parameters=GEMMA3_ROPE), {}),
 }
 FP32 = ["model.compute_dtype=float32", "model.param_dtype=float32", "model.remat=none", "model.attention_impl=xla"]
 PROMPT_LEN, NEW_TOKENS = 24, 32
@@ -50,7 +63,9 @@ MEASURED: dict[str, float] = {}
 def build_hf_model(path, family: str, extra: dict, save_kwargs: dict, seed: int = 0):
     """A random-weight transformers model saved to `path`; returns the torch model."""
     torch.manual_seed(seed)
-    config = getattr(transformers, f"{family}Config")(**{**TINY, **extra})
+    if family.startswith("Gemma"):  # soft caps: the eager path is transformers' reference
+        extra = {**extra, "attn_implementation": "eager"}
+    config = getattr(transformers, CONFIG_CLASSES.get(family, f"{family}Config"))(**{**TINY, **extra})
     model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
     with torch.no_grad():  # random biases and norm scales too, so a mix-up cannot hide
         for p in model.parameters():
@@ -97,7 +112,9 @@ def test_import_logits_greedy_export_roundtrip(case, tmp_path, mesh):
     cfg = import_hf(hf_dir, run_dir, mesh=mesh, progress=False)
     assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "0").is_dir()
     assert cfg.model.sliding_window == extra.get("sliding_window", 0)
-    assert cfg.model.qkv_bias == (family == "Qwen2") and cfg.model.qk_norm == (family == "Qwen3")
+    assert cfg.model.qkv_bias == (family == "Qwen2") and cfg.model.qk_norm == (family in ("Qwen3", "Gemma3"))
+    assert cfg.model.post_norms == cfg.model.embed_scale == (cfg.model.norm_offset == 1) == family.startswith("Gemma")
+    assert cfg.model.global_every == {"Gemma2": 2, "Gemma3": 3}.get(family, 0)
     # Qwen3Config's own default head_dim is 128, whatever hidden_size is.
     assert cfg.model.resolved_head_dim == (getattr(model.config, "head_dim", None) or 16)
     assert cfg.model.tie_embeddings == extra.get("tie_word_embeddings", False)
@@ -133,7 +150,8 @@ def test_import_logits_greedy_export_roundtrip(case, tmp_path, mesh):
     shard = dict(max_shard_bytes=150_000) if save_kwargs else {}
     export_hf(run_dir, out_dir, mesh=mesh, progress=False, **shard)
     assert (out_dir / "model.safetensors.index.json").is_file() == bool(save_kwargs)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    eager = dict(attn_implementation="eager") if family.startswith("Gemma") else {}
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out_dir, **eager).eval()
     assert type(reloaded) is type(model)
     np.testing.assert_array_equal(hf_logits(reloaded, ids), ref)
     _, _, again, _ = load_checkpoint(out_dir, mesh, overrides=FP32, progress=False)
@@ -181,3 +199,41 @@ def test_config_mapping_of_published_layouts():
         model_config_from_hf({**qwen3, "attention_bias": True})
     with pytest.raises(ConfigError, match="model.qkv_bias"):
         hf_config_from_model(dataclasses.replace(m, qkv_bias=True))
+
+
+def test_gemma_config_mapping_of_published_layouts():
+    """Gemma 2 2B's and Gemma 3 1B's config.json as published (transformers 4.x layouts) are the
+    presets' architectures, round-trip through export, and what Tessera cannot run is refused."""
+    from configs import ARCHITECTURE_FIELDS, ConfigError
+    from interop.hf_config import hf_config_from_model, model_config_from_hf
+    gemma2 = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "attn_logit_softcapping": 50.0,
+              "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+              "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304, "intermediate_size": 9216,
+              "max_position_embeddings": 8192, "num_attention_heads": 8, "num_hidden_layers": 26,
+              "num_key_value_heads": 4, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+              "rope_theta": 10000.0, "sliding_window": 4096, "vocab_size": 256000}
+    gemma3 = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "attention_bias": False,
+              "attn_logit_softcapping": None, "final_logit_softcapping": None, "head_dim": 256,
+              "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152, "intermediate_size": 6912,
+              "max_position_embeddings": 32768, "num_attention_heads": 4, "num_hidden_layers": 26,
+              "num_key_value_heads": 1, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+              "rope_local_base_freq": 10000, "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512,
+              "sliding_window_pattern": 6, "vocab_size": 262144}
+    arch = lambda m: {k: getattr(m, k) for k in ARCHITECTURE_FIELDS}
+    for hf, preset in ((gemma2, "gemma2-2b"), (gemma3, "gemma3-1b")):
+        m = model_config_from_hf(hf)
+        assert arch(m) == arch(load_config(preset).model), preset
+        assert model_config_from_hf(hf_config_from_model(m)) == m
+    scaled = model_config_from_hf({**gemma3, "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    assert (scaled.rope_scaling_type, scaled.rope_scaling_factor, scaled.rope_local_theta) == ("linear", 8.0, 1e4)
+    with pytest.raises(ConfigError, match="'hidden_activation'"):
+        model_config_from_hf({**gemma2, "hidden_activation": "gelu", "hidden_act": None})
+    with pytest.raises(ConfigError, match="'layer_types'"):
+        model_config_from_hf({**gemma2, "num_hidden_layers": 3,
+                              "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]})
+    with pytest.raises(ConfigError, match="use_bidirectional_attention"):
+        model_config_from_hf({**gemma3, "use_bidirectional_attention": True})
+    with pytest.raises(ConfigError, match="partial Gemma block"):
+        hf_config_from_model(dataclasses.replace(m, post_norms=False))
+    with pytest.raises(ConfigError, match="global_every"):
+        hf_config_from_model(dataclasses.replace(load_config("tiny").model, global_every=2))

@@ -6,7 +6,8 @@ import optax
 
 from configs import TrainConfig
 
-NO_DECAY = ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "bq", "bk", "bv")
+NO_DECAY = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "final_norm", "q_norm", "k_norm", "bq", "bk",
+            "bv")
 
 
 def learning_rate(cfg: TrainConfig) -> optax.Schedule:
