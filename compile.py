@@ -35,7 +35,7 @@ def parse_args(argv):
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
     p.add_argument("--save", default=None, metavar="DIR", help="write the compiled train step to DIR")
     p.add_argument("--no-estimate", action="store_true",
-                   help="skip the 1- and 2-layer compiles that correct the step-time estimate under scan")
+                   help="skip the 1- and 2-layer-group compiles that correct the step-time estimate under scan")
     return p.parse_intermixed_args(argv)
 
 

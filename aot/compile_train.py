@@ -7,8 +7,9 @@ cost from `cost_analysis()`, corrected for the traps in those figures:
 
 - XLA counts a while-loop body once, so with layers under `lax.scan` (and micro-batches under the
   grad-accumulation scan) `flops` and `optimal_seconds` cover one layer of one micro-batch. The
-  step cost is extrapolated from two extra compiles, unrolled with 1 and 2 layers and one
-  micro-batch: cost(L) = cost(1) + (L - 1) (cost(2) - cost(1)), times grad_accum.
+  step cost is extrapolated from extra compiles, unrolled with 1 and 2 layers and one
+  micro-batch: cost(L) = cost(1) + (L - 1) (cost(2) - cost(1)), times grad_accum. Models whose
+  layers alternate (model.global_every = g) extrapolate whole groups of g layers instead.
 - On v5e/v6e every `ConcatBitcast` custom call adds exactly -1 s to `optimal_seconds`; they are
   counted in the HLO and added back.
 - Loops the compiler adds itself are still undercounted; the report says when any remain.
@@ -210,19 +211,24 @@ def unrolled(cfg: Config, n_layers: int) -> Config:
 
 
 def extrapolated_cost(cfg: Config, topo: Topology, devices) -> dict:
-    """Step cost from 1- and 2-layer unrolled compiles: c(L) = c1 + (L-1)(c2-c1), x grad_accum.
+    """Step cost from unrolled compiles of whole layer groups, x grad_accum.
 
-    With grad_accum A the optimizer update is counted A times (an overestimate by its share)."""
-    c1, t1, h1 = compile_train(unrolled(cfg, 1), topo, devices, ESTIMATE_OPTIONS)
-    a = cost(c1, h1)
-    del c1  # one executable at a time: host memory
-    c2, t2, h2 = compile_train(unrolled(cfg, 2), topo, devices, ESTIMATE_OPTIONS)
-    b = cost(c2, h2)
+    g = model.global_every layers make a group (1 when every layer is alike) and r = L % g local
+    layers are left over: c(L) = c(g + r) + (L/g - 1)(c(2g) - c(g)), from compiles of g, 2g and
+    g + r layers (1 and 2 layers for a uniform model). With grad_accum A the optimizer update is
+    counted A times (an overestimate by its share)."""
     L, A = cfg.model.n_layers, cfg.train.grad_accum
-    per_layer = {k: b[k] - a[k] for k in ("flops", "optimal_seconds", "bytes_accessed")}
-    out = {k: A * (a[k] + (L - 1) * per_layer[k]) for k in per_layer}
-    out.update(while_loops=max(a["while_loops"], b["while_loops"]), compile_seconds=t1 + t2,
-               per_layer_seconds=per_layer["optimal_seconds"])
+    g = max(cfg.model.global_every, 1)
+    costs, seconds = {}, 0.0
+    for n in dict.fromkeys((g, 2 * g, g + L % g)):
+        compiled, t, hlo = compile_train(unrolled(cfg, n), topo, devices, ESTIMATE_OPTIONS)
+        costs[n], seconds = cost(compiled, hlo), seconds + t
+        del compiled  # one executable at a time: host memory
+    keys = ("flops", "optimal_seconds", "bytes_accessed")
+    per_group = {k: costs[2 * g][k] - costs[g][k] for k in keys}
+    out = {k: A * (costs[g + L % g][k] + (L // g - 1) * per_group[k]) for k in keys}
+    out.update(while_loops=max(c["while_loops"] for c in costs.values()), compile_seconds=seconds,
+               per_layer_seconds=per_group["optimal_seconds"] / g)
     return out
 
 
@@ -259,7 +265,7 @@ def estimate(cfg: Config, topo: Topology, devices, extrapolate: bool = True, kee
     elif looped and extrapolate:
         ext = extrapolated_cost(cfg, topo, devices)
         report["extrapolated"] = {**ext, "flops_per_step": ext["flops"] * n}
-        step_seconds, source = ext["optimal_seconds"], "extrapolated from 1- and 2-layer unrolled compiles"
+        step_seconds, source = ext["optimal_seconds"], "extrapolated from unrolled compiles of 1 and 2 layer groups"
         loops = ext["while_loops"]
     elif not looped:
         step_seconds, source, loops = raw["optimal_seconds"], "compiler, full step unrolled", raw["while_loops"]
@@ -309,7 +315,7 @@ def format_report(r: dict) -> str:
                                                        if c["while_loops"] else ""))
     if "extrapolated" in r:
         e = r["extrapolated"]
-        lines.append(f"corrected estimate (1- and 2-layer unrolled compiles, extrapolated): "
+        lines.append(f"corrected estimate (unrolled compiles of 1 and 2 layer groups, extrapolated): "
                      f"{e['flops_per_step']:.4g} FLOPs per step ({e['flops_per_step'] / r['model_flops']:.2f}x "
                      f"model FLOPs), {e['optimal_seconds']:.4g} s per step")
     if r["compiler_loops_left"] > 0:

@@ -2,7 +2,7 @@
 
 Search, per remat policy: compile the scanned step (memory is exact and takes one compile) at
 each per-chip batch from the largest down, and stop at the first that fits; then time that one
-with the 1- and 2-layer unrolled compiles (aot.compile_train.extrapolated_cost). Only the largest
+with the unrolled compiles of 1 and 2 layer groups (aot.compile_train.extrapolated_cost). Only the largest
 fitting batch of a policy is timed: under the compiler's roofline estimate tokens/s per chip does
 not fall as the batch grows (the weights' gathers and the optimizer update are per step, not per
 row), so smaller batches of the same policy cannot win. The winner has the most tokens/s per chip.
