@@ -206,15 +206,14 @@ def test_checkpoint_config_and_adopt_architecture(hf_dir, tmp_path, mesh):
         load_checkpoint(tmp_path, mesh)
 
 
-def test_serve_qwen3_hf_directory(qwen3_dir):
-    """The serving loader takes a Qwen3 HF directory as it is; paged greedy decoding picks
-    transformers' tokens with its logprobs."""
+def serve_greedy(path, model, overrides: list[str], expect=lambda cfg, tok: None):
+    """Serve 16 greedy tokens after a 16-token prompt from the directory `path`; returns the token
+    ids, their served logprobs and transformers' logprobs [n,V] teacher-forced on them."""
     from serving.engine import Engine
     from serving.load import load_for_serving
     from serving.sampling import SamplingParams
-    path, model = qwen3_dir
-    cfg, mesh, params, tok = load_for_serving(str(path), ["serve.kv_dtype=float32"])
-    assert cfg.model.qk_norm and cfg.model.resolved_head_dim == 32 and isinstance(tok, HFTokenizer)
+    cfg, mesh, params, tok = load_for_serving(str(path), overrides)
+    expect(cfg, tok)
     prompt, n = tok.encode(TEXT)[:16], 16
     eng = Engine(cfg, params, tok, mesh=mesh).start()
     try:
@@ -222,16 +221,32 @@ def test_serve_qwen3_hf_directory(qwen3_dir):
     finally:
         eng.stop()
     ids = np.array(out["token_ids"])
+    assert len(ids) == n
     with torch.no_grad():  # transformers teacher-forced on the served tokens
         logits = model(torch.tensor([prompt + ids.tolist()])).logits[0, len(prompt) - 1:-1]
-    logp = torch.log_softmax(logits.float(), -1).numpy()                           # [n,V]
-    diff = float(np.abs(np.array(out["logprobs"]) - logp[np.arange(n), ids]).max())
-    print(f"serve qwen3: max abs logprob diff {diff:.2e}")
-    assert len(ids) == n and diff <= 1e-4, diff
-    # Top-1 must agree wherever transformers' top-2 margin is beyond rounding.
-    top2 = np.sort(logp, axis=-1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] > 2e-4
-    assert clear.mean() >= 0.9 and (logp.argmax(-1)[clear] == ids[clear]).all()
+    return ids, np.array(out["logprobs"]), torch.log_softmax(logits.float(), -1).numpy()
+
+
+def assert_served_matches(ids, served, logp, bound: float, what: str, top1: bool = True) -> None:
+    """Served logprobs within `bound` of transformers'; with top1, the served token is
+    transformers' argmax wherever its top-2 margin is beyond rounding."""
+    diff = float(np.abs(served - logp[np.arange(len(ids)), ids]).max())
+    print(f"serve {what}: max abs logprob diff {diff:.2e}")
+    assert diff <= bound, diff
+    if top1:
+        top2 = np.sort(logp, axis=-1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 2e-4
+        assert clear.mean() >= 0.9 and (logp.argmax(-1)[clear] == ids[clear]).all()
+
+
+def test_serve_qwen3_hf_directory(qwen3_dir):
+    """The serving loader takes a Qwen3 HF directory as it is; paged greedy decoding picks
+    transformers' tokens with its logprobs."""
+    path, model = qwen3_dir
+
+    def expect(cfg, tok):
+        assert cfg.model.qk_norm and cfg.model.resolved_head_dim == 32 and isinstance(tok, HFTokenizer)
+    assert_served_matches(*serve_greedy(path, model, ["serve.kv_dtype=float32"], expect), 1e-4, "qwen3")
 
 
 GEMMA_DIRS = {  # 4 layers, window 8 < the 32 tokens served, head_dim 16; Gemma 2 with soft caps,
@@ -252,31 +267,14 @@ def test_serve_gemma_hf_directory(family, int8, tmp_path):
     layers, soft caps) picks transformers' tokens with its logprobs. With int8 weights and an int8
     cache the logprobs of the served tokens stay within 0.15 of transformers' (measured 0.025 to
     0.039; a missing norm offset, soft cap or window moves them by O(1))."""
-    from serving.engine import Engine
-    from serving.load import load_for_serving
-    from serving.sampling import SamplingParams
     model = save_tiny_model(tmp_path / family, family, GEMMA_DIRS[family])
     overrides = ["serve.kv_dtype=int8", "serve.int8_weights=true"] if int8 else ["serve.kv_dtype=float32"]
-    cfg, mesh, params, tok = load_for_serving(str(tmp_path / family), overrides)
-    assert cfg.model.post_norms and cfg.model.global_every == {"Gemma2": 2, "Gemma3": 3}[family]
-    prompt, n = tok.encode(TEXT)[:16], 16
-    eng = Engine(cfg, params, tok, mesh=mesh).start()
-    try:
-        out = eng.generate(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-    finally:
-        eng.stop()
-    ids = np.array(out["token_ids"])
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + ids.tolist()])).logits[0, len(prompt) - 1:-1]
-    logp = torch.log_softmax(logits.float(), -1).numpy()                           # [n,V]
-    diff = float(np.abs(np.array(out["logprobs"]) - logp[np.arange(n), ids]).max())
-    print(f"serve {family} ({'int8' if int8 else 'fp32'}): max abs logprob diff {diff:.2e}")
-    assert len(ids) == n and diff <= (0.15 if int8 else 1e-4), diff
-    if int8:  # int8 rounding may flip near-ties, so the served tokens can leave transformers' greedy path
-        return
-    top2 = np.sort(logp, axis=-1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] > 2e-4
-    assert clear.mean() >= 0.9 and (logp.argmax(-1)[clear] == ids[clear]).all()
+
+    def expect(cfg, tok):
+        assert cfg.model.post_norms and cfg.model.global_every == {"Gemma2": 2, "Gemma3": 3}[family]
+    # int8 rounding may flip near-ties, so the served tokens can leave transformers' greedy path
+    assert_served_matches(*serve_greedy(tmp_path / family, model, overrides, expect), 0.15 if int8 else 1e-4,
+                          f"{family} ({'int8' if int8 else 'fp32'})", top1=not int8)
 
 
 def test_train_init_from_qwen3_hf_directory(qwen3_dir, tmp_path):
