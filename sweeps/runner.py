@@ -1,28 +1,25 @@
-"""Run a sweep's trials as train.py subprocesses, resumably.
+"""Run a sweep's trials, resumably, on an executor (local subprocesses or Ray jobs).
 
 State lives in SWEEP_DIR/trials.json (rewritten atomically after every change): each trial's
-overrides, status, return code, error line and launch count. A trial is `finished` only when its
-train.py exited 0 *and* its metrics.jsonl reached train.steps, so a trial stopped by a signal
-(train.py saves and exits 0 then) is `interrupted` and resumes from its checkpoint on the next run.
-
-Trials are launched and polled from the main thread (no thread pool): that keeps signal handling
-simple, and lets every child carry PR_SET_DEATHSIG, which Linux ties to the thread that forked it.
-If the sweep process is SIGKILLed, its children get SIGTERM, save a checkpoint and exit.
+overrides, status, return code, error line, launch count and where it runs (pid or job id). A
+trial is `finished` only when its train.py exited 0 *and* its metrics.jsonl reached train.steps,
+so a trial stopped by a signal (train.py saves and exits 0 then) is `interrupted` and resumes from
+its checkpoint on the next run. One loop, on the main thread, launches, polls and stops trials.
 """
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
+import math
 import os
-import shlex
 import signal
-import subprocess
 import sys
 import time
 from collections import deque
 from pathlib import Path
 
+from configs.loader import resolve_path
+from sweeps.executor import Ended
 from sweeps.spec import ROOT, SweepError, SweepSpec, Trial, definition_hash, trial_config
 
 STATE_FILE = "trials.json"
@@ -40,14 +37,23 @@ def trial_dir(spec: SweepSpec, trial: Trial) -> Path:
 
 
 def trial_command(spec: SweepSpec, trial: Trial, python: str = sys.executable,
-                  extra: tuple[str, ...] = ()) -> list[str]:
-    """The train.py argv of one trial; `extra` carries sweep-level additions (shared tokenizer)."""
-    script = ROOT / "train.py"
-    try:  # relative when launched from the repo root: pasteable on another machine
-        script = script.relative_to(Path.cwd())
-    except ValueError:
-        pass
-    return [python, str(script), spec.base, *trial.overrides, *extra, f"train.run_dir={trial_dir(spec, trial)}"]
+                  extra: tuple[str, ...] = (), script: str | None = None) -> list[str]:
+    """The train.py argv of one trial; `extra` carries sweep-level additions (shared tokenizer).
+
+    `script`: train.py's path as the executor's machines see it, run from a copy of the checkout
+    (the base preset is then given relative to the checkout too). By default train.py relative to
+    the working directory when launched from the repo root, so the command is pasteable elsewhere.
+    """
+    base = spec.base
+    if script is None:
+        script = ROOT / "train.py"
+        try:
+            script = script.relative_to(Path.cwd())
+        except ValueError:
+            pass
+    elif (preset := resolve_path(base).resolve()).is_relative_to(ROOT):
+        base = str(preset.relative_to(ROOT))
+    return [python, str(script), base, *trial.overrides, *extra, f"train.run_dir={trial_dir(spec, trial)}"]
 
 
 # --------------------------------------------------------------------------------------- state
@@ -96,40 +102,7 @@ def read_state(sweep_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-# ----------------------------------------------------------------------------- processes
-
-def die_with_parent() -> None:
-    """preexec_fn: ask Linux to SIGTERM this child when the sweep process dies (even by SIGKILL)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_DEATHSIG
-    except OSError:
-        pass  # not Linux: children outlive a killed sweep; the rerun then waits for them
-
-
-def _alive(pid: int | None, run_dir: str) -> bool:
-    """Is `pid` a live (non-zombie) train.py of this run_dir? Guards against pid reuse."""
-    if not pid:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z" and f"train.run_dir={run_dir}" in cmdline
-
-
-def wait_for_leftovers(state: SweepState, timeout: float = 300.0) -> None:
-    """A killed sweep's trials may still be saving their checkpoint: let them exit before relaunching."""
-    deadline = time.time() + timeout
-    for rec in state.records.values():
-        if rec["status"] == "running" and _alive(rec.get("pid"), rec["run_dir"]):
-            log(f"waiting for {rec['id']} (pid {rec['pid']}) left running by a previous sweep to exit")
-            while _alive(rec["pid"], rec["run_dir"]):
-                if time.time() > deadline:
-                    raise SweepError(f"trial {rec['id']} (pid {rec['pid']}) from a previous sweep is still "
-                                     f"running; stop it before resuming the sweep")
-                time.sleep(0.5)
-
+# ------------------------------------------------------------------------------- outcomes
 
 def error_line(log_path: Path, returncode: int) -> str:
     """The line that says why a trial failed: train.py's `error:` line, else the exception line."""
@@ -206,71 +179,63 @@ def _lock(sweep_dir: Path):
     return fd
 
 
-def run_sweep(spec: SweepSpec, retry_failed: bool = False, extra: tuple[str, ...] = (),
+def run_sweep(spec: SweepSpec, executor, retry_failed: bool = False, extra: tuple[str, ...] = (),
               on_change=None, before=None) -> int:
     """Run every unfinished trial; returns 0 if all finished, 1 if some failed, 128+sig if stopped.
 
+    `executor`: where trials run (sweeps/local.py, sweeps/ray_jobs.py); trials a killed sweep left
+    running are adopted when the executor can (Ray jobs), else waited for and relaunched;
     `extra`: overrides added to every trial's command (e.g. the shared tokenizer);
     `on_change(state)`: called after each trial ends (the results table is rewritten there);
     `before()`: sweep-level preparation, run once the sweep directory is locked.
     """
     lock = _lock(spec.sweep_dir)
     state = SweepState(spec)
-    wait_for_leftovers(state)
+    index = {t.id: i + 1 for i, t in enumerate(spec.trials)}
+    n = len(spec.trials)
+    running = {}
+    for trial in spec.trials:
+        rec = state[trial.id]
+        if rec["status"] == "running" and (handle := executor.adopt(rec, _remember(state, rec))) is not None:
+            running[trial.id] = (handle, trial)
+            log(f"trial {index[trial.id]}/{n} {trial.id}: reattached to {rec['executor']} job {rec['job']}")
     if before:
         before()
-    todo = [t for t in spec.trials
-            if state[t.id]["status"] not in DONE or (retry_failed and state[t.id]["status"] == "failed")]
-    skipped = len(spec.trials) - len(todo)
+    todo = [t for t in spec.trials if t.id not in running and
+            (state[t.id]["status"] not in DONE or (retry_failed and state[t.id]["status"] == "failed"))]
+    skipped = len(spec.trials) - len(todo) - len(running)
     if skipped:
-        log(f"{skipped} of {len(spec.trials)} trials already done; {len(todo)} to run")
-    index = {t.id: i + 1 for i, t in enumerate(spec.trials)}
-    targets = {t.id: trial_config(spec, t).train.steps for t in todo}  # read configs once, up front
-    n = len(spec.trials)
-    queue, running, stopped_at = deque(todo), {}, None
+        log(f"{skipped} of {n} trials already done; {len(todo) + len(running)} to run")
+    # read configs once, up front
+    targets = {t.id: trial_config(spec, t).train.steps for t in todo + [t for _, t in running.values()]}
+    limit = spec.parallel or math.inf  # None: as many as the executor holds (one waiting at a time)
+    queue, stopped_at = deque(todo), None
     stop = _Stop()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
         while running or (queue and stop.signum is None):
-            while queue and len(running) < spec.parallel and stop.signum is None:
+            while (queue and len(running) < limit and stop.signum is None
+                   and not any(executor.pending(h) for h, _ in running.values())):
                 trial = queue.popleft()
-                rec, run_dir = state[trial.id], trial_dir(spec, trial)
-                run_dir.mkdir(parents=True, exist_ok=True)
-                share_token_cache(spec, run_dir)
-                cmd = trial_command(spec, trial, extra=extra)
-                logf = open(run_dir / "train.log", "a")
-                logf.write(f"$ {shlex.join(cmd)}\n")
-                logf.flush()
-                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                        preexec_fn=die_with_parent)
-                resumed = " (resuming)" if rec["launches"] else ""
-                rec.update(status="running", pid=proc.pid, launches=rec["launches"] + 1,
-                           started=time.time(), returncode=None, error=None)
-                state.save()
-                running[trial.id] = (proc, logf, trial)
-                log(f"trial {index[trial.id]}/{n} {trial.id} started{resumed}: {' '.join(trial.overrides)}")
+                running[trial.id] = (_launch(spec, state, executor, trial, extra, f"trial {index[trial.id]}/{n}"),
+                                     trial)
             if stop.signum is not None:
                 stopped_at = stopped_at or time.time()
-                for proc, _, _ in running.values():
-                    if proc.poll() is None:  # train.py checkpoints and exits; SIGKILL if it hangs
-                        proc.send_signal(signal.SIGTERM if time.time() - stopped_at < STOP_GRACE_S else signal.SIGKILL)
-            for tid, (proc, logf, trial) in list(running.items()):
-                rc = proc.poll()
-                if rc is None:
+                for handle, _ in running.values():  # train.py checkpoints and exits; SIGKILL if it hangs
+                    executor.stop(handle, force=time.time() - stopped_at > STOP_GRACE_S)
+            for tid, (handle, trial) in list(running.items()):
+                ended = executor.poll(handle)
+                if ended is None:
                     continue
-                logf.close()
                 del running[tid]
-                _record_end(spec, state, trial, rc, targets[tid], f"trial {index[tid]}/{n} {tid}",
+                _record_end(spec, state, trial, ended, targets[tid], f"trial {index[tid]}/{n} {tid}",
                             stop.signum is not None)
                 if on_change:
                     on_change(state)
-            time.sleep(0.2)
+            time.sleep(executor.poll_s)
     finally:
         stop.restore()
-        for proc, logf, _ in running.values():  # only on an exception: leave no orphans
-            proc.terminate()
-            proc.wait()
-            logf.close()
+        for handle, _ in running.values():  # only on an exception
+            executor.abandon(handle)
         state.save()
         lock.close()
     if stop.signum is not None:
@@ -280,12 +245,35 @@ def run_sweep(spec: SweepSpec, retry_failed: bool = False, extra: tuple[str, ...
     return 1 if failed else 0
 
 
-def _record_end(spec: SweepSpec, state: SweepState, trial: Trial, rc: int, target: int, label: str,
+def _remember(state: SweepState, rec: dict):
+    """What an executor calls to record where a trial runs (pid, job id): saved at once."""
+    def remember(fields: dict) -> None:
+        rec.update(fields)
+        state.save()
+    return remember
+
+
+def _launch(spec: SweepSpec, state: SweepState, executor, trial: Trial, extra: tuple[str, ...], label: str):
+    """Start one trial; trials.json records it as running before the executor can lose track of it."""
+    rec, run_dir = state[trial.id], trial_dir(spec, trial)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    share_token_cache(spec, run_dir)
+    cmd = trial_command(spec, trial, python=executor.python, extra=extra, script=executor.script)
+    rec.update(status="running", launches=rec["launches"] + 1, started=time.time(), returncode=None, error=None)
+    handle = executor.launch(trial.id, cmd, run_dir, _remember(state, rec))  # it saves the record
+    where = f" as {rec['executor']} job {rec['job']}" if rec.get("job") else ""
+    resumed = " (resuming)" if rec["launches"] > 1 else ""
+    log(f"{label} {trial.id} started{resumed}{where}: {' '.join(trial.overrides)}")
+    return handle
+
+
+def _record_end(spec: SweepSpec, state: SweepState, trial: Trial, ended: Ended, target: int, label: str,
                 stopping: bool) -> None:
-    """Record how a trial's process ended: finished, interrupted (resumable) or failed."""
+    """Record how a trial ended: finished, interrupted (resumable) or failed."""
     rec = state[trial.id]
     run_dir = trial_dir(spec, trial)
     steps = last_step(run_dir)
+    rc = ended.returncode
     rec.update(returncode=rc, pid=None, ended=time.time())
     if rc == 0 and steps >= target:
         rec.update(status="finished", error=None)
@@ -296,10 +284,11 @@ def _record_end(spec: SweepSpec, state: SweepState, trial: Trial, rc: int, targe
             keys = sorted({k for row in read_metrics(run_dir) for k in row} - {"step"})
             shown = f"missing from metrics.jsonl (it has {', '.join(keys)})"
         log(f"{label} finished: {spec.metric} {shown} after {steps} steps")
-    elif rc == 0 or stopping:  # stopped by a signal (ours, or a preemption's): not a failure
+    elif rc == 0 or stopping or ended.stopped:  # stopped by a signal (ours, or a preemption's): not a failure
         rec.update(status="interrupted", error=f"stopped at step {max(steps, 0)} of {target}")
         log(f"{label} interrupted at step {max(steps, 0)} of {target}; it resumes on the next run")
     else:
-        rec.update(status="failed", error=error_line(run_dir / "train.log", rc))
-        log(f"{label} failed (exit code {rc}): {rec['error']}")
+        error = ended.reason if rc is None else error_line(run_dir / "train.log", rc)
+        rec.update(status="failed", error=error)
+        log(f"{label} failed ({'exit code ' + str(rc) if rc is not None else 'lost'}): {rec['error']}")
     state.save()

@@ -46,7 +46,8 @@ def shared_tokenizer(spec: SweepSpec) -> tuple[tuple[str, ...], list[str] | None
 
 def prepare(cmd: list[str], spec: SweepSpec) -> None:
     """Run the tokenizer command once (skipped when the tokenizer exists: a resumed sweep)."""
-    from sweeps.runner import die_with_parent, error_line, log
+    from sweeps.local import die_with_parent
+    from sweeps.runner import error_line, log
     path = tokenizer_path(spec)
     if path.is_file():
         return

@@ -23,8 +23,12 @@ import yaml
 from configs import Config, ConfigError, load_config
 from configs.loader import CONFIG_DIR, resolve_path
 
+if typing.TYPE_CHECKING:
+    from sweeps.executor import ExecutorSpec
+
 ROOT = CONFIG_DIR.parent
-FIELDS = ("base", "overrides", "axes", "trials", "seed", "metric", "parallel", "sweep_dir", "share_tokenizer")
+FIELDS = ("base", "overrides", "axes", "trials", "seed", "metric", "parallel", "sweep_dir", "share_tokenizer",
+          "executor")
 KINDS = ("grid", "uniform", "log_uniform", "choice")
 RANDOM_KINDS = ("uniform", "log_uniform", "choice")
 
@@ -71,10 +75,11 @@ class SweepSpec:
     seed: int
     metric: str
     direction: str                # min | max
-    parallel: int
+    parallel: int | None          # trials at once; None: 1 locally, as many as a Ray cluster holds
     sweep_dir: Path
     share_tokenizer: bool
     trials: tuple[Trial, ...] = field(default=())
+    executor: ExecutorSpec | None = None  # where trials run (sweeps/executor.py); local by default
 
     @property
     def name(self) -> str:
@@ -312,7 +317,9 @@ def load_sweep(path: str | Path, sweep_dir: str | None = None) -> SweepSpec:
     trials_per_point = _int("trials", raw.get("trials", 1), 1)
     seed = _int("seed", raw.get("seed", 0), 0)
     metric, direction = _metric(raw.get("metric"))
-    parallel = _int("parallel", raw.get("parallel", 1), 1)
+    parallel = _int("parallel", raw["parallel"], 1) if raw.get("parallel") is not None else None
+    from sweeps.executor import parse_executor  # here: sweeps.executor imports SweepError from this module
+    executor = parse_executor(raw.get("executor"))
     share = raw.get("share_tokenizer", True)
     if not isinstance(share, bool):
         raise _err("share_tokenizer", f"expects true or false, got {share!r}")
@@ -329,7 +336,7 @@ def load_sweep(path: str | Path, sweep_dir: str | None = None) -> SweepSpec:
         except ConfigError as e:
             raise _blame(e, trial, fixed, axes) from None
     return SweepSpec(path, base, fixed, tuple(axes), trials_per_point, seed, metric, direction, parallel,
-                     Path(out_dir), share, trials)
+                     Path(out_dir), share, trials, executor)
 
 
 def trial_config(spec: SweepSpec, trial: Trial) -> Config:
