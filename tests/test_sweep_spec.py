@@ -3,6 +3,7 @@ import json
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -84,6 +85,14 @@ seed: {seed}
     ("base: nowhere\naxes: {train.lr: {grid: [1]}}", "'base' names no config file"),
     ("base: tiny\naxes: []", "'axes' must map"),
     ("- just a list", "must hold a mapping"),
+    ("base: tiny\naxes: {train.lr: {grid: [1]}}\nexecutor: slurm", "'executor.kind' must be one of local, ray"),
+    ("base: tiny\naxes: {train.lr: {grid: [1]}}\nexecutor: {kind: ray, gpu: 1}",
+     "'executor.gpu' is unknown (did you mean 'gpus'?)"),
+    ("base: tiny\naxes: {train.lr: {grid: [1]}}\nexecutor: {kind: ray, cpus: -1}", "'executor.cpus' expects a number"),
+    ("base: tiny\naxes: {train.lr: {grid: [1]}}\nexecutor: {kind: ray, resources: {GPU: 1}}",
+     "'executor.resources.GPU' is set by executor.gpus"),
+    ("base: tiny\naxes: {train.lr: {grid: [1]}}\nexecutor: {kind: local, cpus: 2}",
+     "'executor.cpus' applies to kind: ray only"),
 ])
 def test_malformed_sweep_file_is_a_one_line_error_naming_the_field(tmp_path, body, field):
     with pytest.raises(SweepError) as e:
@@ -118,6 +127,49 @@ share_tokenizer: false
     assert argv[3:] == ["train.steps=7", "data.path=", "train.lr=0.002", "model.n_layers=2",
                         f"train.run_dir={tmp_path}/out/t003"]
     assert not (tmp_path / "out").exists()
+
+
+def test_ray_executor_field_and_its_dry_run_submit_commands(tmp_path, capsys):
+    import sweep
+    path = write(tmp_path, """
+base: tiny
+axes: {train.lr: {grid: [1.0e-3, 2.0e-3]}}
+sweep_dir: rel/out
+share_tokenizer: false
+executor: {kind: ray, address: "http://head:8265", cpus: 2, gpus: 1, resources: {TPU: 4}, env: {A: 1}}
+""")
+    spec = load_sweep(path)
+    assert (spec.executor.kind, spec.executor.cpus, spec.executor.gpus) == ("ray", 2, 1)
+    assert spec.executor.resources == {"TPU": 4} and spec.executor.env == {"A": "1"} and spec.parallel is None
+    assert sweep.main([str(path), "--dry-run"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")]
+    argv = shlex.split(lines[1])
+    sep = argv.index("--")
+    flags = dict(zip(argv[3:sep:2], argv[4:sep:2]))
+    assert argv[:3] == ["ray", "job", "submit"] and flags["--address"] == "http://head:8265"
+    assert flags["--working-dir"] == str(ROOT) and flags["--entrypoint-num-cpus"] == "2"
+    assert flags["--entrypoint-num-gpus"] == "1" and json.loads(flags["--entrypoint-resources"]) == {"TPU": 4}
+    assert json.loads(flags["--runtime-env-json"])["env_vars"]["A"] == "1"
+    # run from a copy of the checkout: train.py and the preset relative to it, the run dir absolute
+    job = shlex.split(argv[sep + 1])
+    run_dir = Path("rel/out/t001").absolute()
+    assert job[:3] == ["python", "train.py", "configs/tiny.yaml"] and len(argv) == sep + 2
+    assert job[-4:] == [f"train.run_dir={run_dir}", ">>", str(run_dir / "train.log"), "2>&1"]
+
+
+def test_an_unreachable_ray_cluster_is_a_one_line_error(tmp_path):
+    pytest.importorskip("ray.job_submission")
+    import socket
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = write(tmp_path, f"base: tiny\naxes: {{train.lr: {{grid: [1.0e-3]}}}}\nsweep_dir: {tmp_path}/out\n")
+    r = subprocess.run([sys.executable, str(ROOT / "sweep.py"), str(path), "--ray", f"http://127.0.0.1:{port}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot reach the Ray cluster at http://127.0.0.1:{port}"), lines
+    assert not (tmp_path / "out" / "trials.json").exists()
 
 
 def test_a_changed_sweep_file_is_refused_for_an_existing_sweep_dir(tmp_path):
