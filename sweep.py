@@ -7,11 +7,13 @@ The sweep file (documented in docs/sweeps.md and the examples in configs/sweeps/
 preset, fixed overrides, the swept axes (grid or random draws), the metric and its direction.
 Rerunning the same command skips finished trials and resumes unfinished ones from their
 checkpoints. Trials run as subprocesses of this machine, or as jobs on a Ray cluster (`--ray`, or
-the file's `executor` field): a rerun then reattaches to the jobs still running. Results: SWEEP_DIR/results.csv, results.md (sorted by the metric), curves.png,
-metric_vs_<key>.png, and TensorBoard hparams (`tensorboard --logdir SWEEP_DIR`).
+the file's `executor` field): a rerun then reattaches to the jobs still running. Results:
+SWEEP_DIR/results.csv, results.md (sorted by the metric), curves.png, metric_vs_<key>.png, and
+TensorBoard hparams (`tensorboard --logdir SWEEP_DIR`).
 
 Exit code: 0 when every trial finished, 1 when some failed (each is recorded with its error),
-2 for a bad sweep file, 128+signal when stopped by SIGTERM/SIGINT (rerun to resume).
+2 for a bad sweep file or a Ray cluster that cannot be reached, 128+signal when stopped by
+SIGTERM/SIGINT (rerun to resume).
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ from sweeps.runner import STOP_GRACE_S, log
 from sweeps.spec import ROOT, SweepError
 
 PENDING_NOTE_S = 60      # say so once when a job has waited this long for its resources
+UNREACHABLE_S = 300      # how long the job API may fail before the sweep gives up (the jobs keep running)
 INSTALL_HINT = "pip install \".[ray]\" (see docs/sweeps.md)"
 
 
@@ -44,6 +45,11 @@ def runtime_env(spec: ExecutorSpec) -> dict:
     # RAY_JOB_STOP_WAIT_TIME_S: Ray's wait between the stop SIGTERM and SIGKILL, time to save a checkpoint
     env = {"PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_GRACE_S), **spec.env}
     return {"working_dir": str(ROOT), "env_vars": env}
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def entrypoint(cmd: list[str], run_dir: Path) -> str:
@@ -93,11 +99,11 @@ class RayExecutor:
             self.client = JobSubmissionClient(None if spec.address == "auto" else spec.address)
             self.client.list_jobs()  # fails fast when the address is wrong or the cluster is down
         except Exception as e:  # ConnectionError, or RuntimeError from the HTTP layer
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SweepError(f"cannot reach the Ray cluster at {spec.address}: {why}") from None
+            raise SweepError(f"cannot reach the Ray cluster at {spec.address}: {_first_line(e)}") from None
         finally:
             os.environ.update(hidden)
         self.address = self.client.get_address()
+        self.last_ok, self.warned = time.time(), False
         for name in list(logging.root.manager.loggerDict):  # packaging notes would drown the sweep's lines
             if name.startswith("ray"):
                 logging.getLogger(name).setLevel(logging.ERROR)
@@ -115,17 +121,52 @@ class RayExecutor:
         return RayTrial(job, remember, since=time.time())
 
     def _submit(self, job: str, entrypoint: str) -> None:
-        self.client.submit_job(entrypoint=entrypoint, submission_id=job, runtime_env=runtime_env(self.spec),
-                               **_resources(self.spec))
+        """Submit under our job id; an answer lost on the way is safe to retry (the id is taken once)."""
+        first_try, said = time.time(), False
+        while True:
+            try:
+                self.client.submit_job(entrypoint=entrypoint, submission_id=job, runtime_env=runtime_env(self.spec),
+                                       **_resources(self.spec))
+                return
+            except Exception as e:
+                why = _first_line(e)
+                if "already exists" in why:  # an earlier try got through
+                    return
+                # a head node still starting ("no available agent ... try again later") or a lost connection
+                transient = isinstance(e, OSError) or any(m in why for m in (" 500", " 503", "try again"))
+                if not transient or time.time() - first_try > UNREACHABLE_S:
+                    raise SweepError(f"submitting job {job} to the Ray cluster at {self.address} failed: {why}; "
+                                     f"rerun to try again") from None
+                if not said:
+                    log(f"the Ray cluster at {self.address} did not take job {job} yet ({why}); retrying")
+                    said = True
+                time.sleep(5)
+
+    def _job_info(self, job: str):
+        """The job's JobDetails, or None when the cluster does not know it (other failures raise)."""
+        try:
+            return self.client.get_job_info(job)
+        except RuntimeError as e:
+            if "404" in str(e) or "does not exist" in str(e):
+                return None
+            raise
+
+    def _unreachable(self, e: Exception) -> None:
+        """Ride out a hiccup of the job API (the jobs run on regardless); give up after UNREACHABLE_S."""
+        if time.time() - self.last_ok > UNREACHABLE_S:
+            raise SweepError(f"lost the Ray cluster at {self.address} for {UNREACHABLE_S} s: {_first_line(e)}; "
+                             f"its jobs may still run: rerun the sweep to follow them") from None
+        if not self.warned:
+            log(f"the Ray cluster at {self.address} did not answer ({_first_line(e)}); retrying")
+            self.warned = True
 
     def adopt(self, rec: dict, remember):
         """A job a previous sweep process submitted: follow it again (None when the cluster never ran it)."""
         if rec.get("executor") != "ray":
             from sweeps.local import LocalExecutor
             return LocalExecutor().adopt(rec, remember)  # a local trial: wait for it to exit, then relaunch
-        try:
-            info = self.client.get_job_info(rec["job"])
-        except RuntimeError:  # 404: submitted never (killed in between) or to a cluster since restarted
+        info = self._job_info(rec["job"])
+        if info is None:  # submitted never (the sweep was killed in between), or to a cluster since restarted
             return None
         return RayTrial(rec["job"], remember, status=info.status.value, since=time.time())
 
@@ -135,8 +176,14 @@ class RayExecutor:
         return handle.status == "PENDING"
 
     def poll(self, handle: RayTrial) -> Ended | None:
-        info = self.client.get_job_info(handle.job)
-        was, handle.status = handle.status, info.status.value
+        try:
+            info = self._job_info(handle.job)
+        except Exception as e:  # ConnectionError, HTTP 5xx: the job's state is unknown, not ended
+            return self._unreachable(e)
+        self.last_ok, self.warned = time.time(), False
+        if info is None:
+            return Ended(None, f"the Ray cluster no longer knows job {handle.job} (restarted?)", stopped=True)
+        handle.status = info.status.value
         if handle.status in ("PENDING", "RUNNING"):
             if handle.status == "PENDING" and not handle.noted and time.time() - handle.since > PENDING_NOTE_S:
                 log(f"job {handle.job} waits for its resources ({self._asks()}) on the cluster")
@@ -144,10 +191,11 @@ class RayExecutor:
             return None
         if handle.status == "STOPPED":
             return Ended(info.driver_exit_code, "stopped on the Ray cluster", stopped=True)
-        if handle.status == "FAILED" and was == "PENDING" and info.driver_exit_code is None \
-                and "failed to start" in (info.message or "") and not handle.stop_sent:
-            # Ray gives up on a job that waited too long for resources (RAY_JOB_START_TIMEOUT_SECONDS):
-            # the trial never ran, so it goes back in line under a new job id.
+        timed_out = str(getattr(info, "error_type", "") or "").endswith("START_TIMEOUT") or \
+            "failed to start within" in (info.message or "")
+        if handle.status == "FAILED" and timed_out and info.driver_node_id is None and not handle.stop_sent:
+            # Ray gives up on a job that waited too long for resources (RAY_JOB_START_TIMEOUT_SECONDS).
+            # It never ran on any node (no driver node), so it goes back in line under a new job id.
             log(f"job {handle.job} did not get its resources ({self._asks()}) in time; submitting it again")
             handle.job = f"{handle.job.rsplit('-', 1)[0]}-{uuid.uuid4().hex[:8]}"
             handle.status, handle.since, handle.noted = "PENDING", time.time(), False
@@ -156,8 +204,8 @@ class RayExecutor:
             return None
         if handle.status == "SUCCEEDED":
             return Ended(0)
-        why = (info.message or "").strip().splitlines()
-        return Ended(info.driver_exit_code, f"ray job {handle.job} failed: {why[0] if why else 'no reason given'}"[:400])
+        why = (info.message or "").strip().splitlines() or ["no reason given"]
+        return Ended(info.driver_exit_code, f"ray job {handle.job} failed: {why[0]}"[:400])
 
     def _asks(self) -> str:
         s = self.spec
@@ -169,8 +217,11 @@ class RayExecutor:
     def stop(self, handle: RayTrial, force: bool) -> None:
         """Ask Ray once: it sends SIGTERM, and SIGKILL after STOP_GRACE_S (set in each job's env)."""
         if not handle.stop_sent:
-            handle.stop_sent = True
-            self.client.stop_job(handle.job)
+            try:
+                self.client.stop_job(handle.job)
+                handle.stop_sent = True
+            except Exception as e:  # asked again on the next round
+                self._unreachable(e)
 
     def abandon(self, handle: RayTrial) -> None:
         """On an exception in the sweep loop: the job keeps running; the rerun reattaches to it."""

@@ -56,7 +56,8 @@ class Cluster:
         self.address = f"http://127.0.0.1:{dashboard}"
         self.nodes = []  # (process, temp dir)
         self.start(["--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                    str(dashboard), "--include-dashboard", "true"], head_env)
+                    str(dashboard), "--include-dashboard", "true", "--dashboard-agent-listen-port",
+                    str(free_port())], head_env)  # every node its own agent port: one machine, many nodes
         def up():
             try:
                 return job_submission.JobSubmissionClient(self.address).list_jobs() is not None
@@ -223,23 +224,26 @@ def test_sigterm_stops_the_trials_on_the_cluster_and_a_rerun_resumes(cluster, co
 
 def test_a_lost_node_fails_its_trial_with_the_reason_and_retry_failed_resumes_it(corpus, tmp_path):
     """Its own cluster: a node with a `doomed` resource runs the trial and is killed outright mid-trial.
-    The retry then waits for a replacement node longer than Ray lets a job wait for resources (10 s
+    The retry then waits for a replacement node longer than Ray lets a job wait for resources (20 s
     here): the sweep submits it again until the node is there."""
-    c = Cluster(RAY_JOB_START_TIMEOUT_SECONDS="10")
+    c = Cluster(RAY_JOB_START_TIMEOUT_SECONDS="20")
     try:
         doomed = c.add_node("--resources", '{"doomed": 1}')
         out = tmp_path / "lost"
         path = write_sweep(tmp_path, corpus, out, f"{{kind: ray, address: '{c.address}', resources: {{doomed: 1}}}}",
                            steps=400, axes="  train.lr: {grid: [1.0e-3]}")
         path.write_text(path.read_text().replace("checkpoint.every: 2", "checkpoint.every: 20"))
-        driver = subprocess.Popen(sweep_cmd(path), stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+        driver_log = open(tmp_path / "driver.log", "w")
+        driver = subprocess.Popen(sweep_cmd(path), stderr=driver_log, text=True, env=env(), cwd=ROOT)
         def checkpointed():
-            assert driver.poll() is None
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             ckpts = out / "t000" / "checkpoints"  # a complete one: orbax renames the step's temp dir when done
             return ckpts.is_dir() and any(p.name.isdigit() and int(p.name) > 0 for p in ckpts.iterdir())
         wait_for("a checkpoint of the trial", checkpointed, 300)
         kill_matching([doomed, f"train.run_dir={out / 't000'}"])  # the machine is gone, with its processes
-        _, err = driver.communicate(timeout=300)
+        driver.wait(timeout=300)
+        driver_log.close()
+        err = (tmp_path / "driver.log").read_text()
         assert driver.returncode == 1, err[-3000:]
         trial = state(out)["t000"]
         assert trial["status"] == "failed" and trial["error"], trial

@@ -168,7 +168,8 @@ def test_an_unreachable_ray_cluster_is_a_one_line_error(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: cannot reach the Ray cluster at http://127.0.0.1:{port}"), lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: cannot reach the Ray cluster at http://127.0.0.1:{port}: "), lines
     assert not (tmp_path / "out" / "trials.json").exists()
 
 
