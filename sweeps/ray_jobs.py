@@ -72,6 +72,7 @@ def submit_command(spec: ExecutorSpec, cmd: list[str], run_dir: Path) -> str:
 class RayTrial:
     job: str
     remember: object              # updates this trial's record in trials.json
+    log_path: Path                # RUN_DIR/train.log, which the job appends to
     status: str = "PENDING"
     stop_sent: bool = False
     since: float = 0.0
@@ -118,7 +119,7 @@ class RayExecutor:
             f.write(f"$ {shlex.join(cmd)}  # ray job {job}\n")
         remember({"executor": "ray", "job": job, "pid": None})
         self._submit(job, entrypoint(cmd, run_dir))
-        return RayTrial(job, remember, since=time.time())
+        return RayTrial(job, remember, log_path, since=time.time())
 
     def _submit(self, job: str, entrypoint: str) -> None:
         """Submit under our job id; an answer lost on the way is safe to retry (the id is taken once)."""
@@ -168,7 +169,8 @@ class RayExecutor:
         info = self._job_info(rec["job"])
         if info is None:  # submitted never (the sweep was killed in between), or to a cluster since restarted
             return None
-        return RayTrial(rec["job"], remember, status=info.status.value, since=time.time())
+        return RayTrial(rec["job"], remember, Path(rec["run_dir"]) / "train.log", status=info.status.value,
+                        since=time.time())
 
     # ------------------------------------------------------------------------------ following
 
@@ -200,6 +202,8 @@ class RayExecutor:
             handle.job = f"{handle.job.rsplit('-', 1)[0]}-{uuid.uuid4().hex[:8]}"
             handle.status, handle.since, handle.noted = "PENDING", time.time(), False
             handle.remember({"job": handle.job})
+            with open(handle.log_path, "a") as f:
+                f.write(f"# not started in time: submitted again as ray job {handle.job}\n")
             self._submit(handle.job, info.entrypoint)
             return None
         if handle.status == "SUCCEEDED":

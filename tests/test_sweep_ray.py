@@ -265,7 +265,8 @@ def test_a_lost_node_fails_its_trial_with_the_reason_and_retry_failed_resumes_it
         assert rerun.returncode == 0, printed[-3000:]
         assert f"job {job} did not get its resources (cpus 1, doomed 1) in time; submitting it again" in printed
         trial = state(out)["t000"]
-        assert trial["status"] == "finished" and trial["launches"] == 2
+        assert trial["status"] == "finished" and trial["launches"] == 2 and trial["job"] != job
+        assert f"submitted again as ray job {trial['job']}" in (out / "t000" / "train.log").read_text()
         relaunched = (out / "t000" / "train.log").read_text().split("# ray job")[-1]
         first = re.search(r"step (\d+): loss \S+ \(compiled and ran the first step\)", relaunched)
         assert first and int(first.group(1)) > 20, relaunched[-2000:]  # from its last checkpoint, not step 0
