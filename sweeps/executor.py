@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-from sweeps.spec import SweepError
+from sweeps.spec import SweepError, format_value
 
 KINDS = ("local", "ray")
 RAY_FIELDS = ("kind", "address", "cpus", "gpus", "resources", "env")
@@ -86,7 +86,7 @@ def parse_executor(raw) -> ExecutorSpec:
     for k, v in raw.get("env", {}).items():
         if isinstance(v, (dict, list)) or v is None:
             raise _err(f"env.{k}", f"expects a string, got {v!r}")
-        env[str(k)] = v if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+        env[str(k)] = format_value(v)  # as an override would write it: true/false, 0.9, ...
     return ExecutorSpec(kind, address, _number("cpus", raw.get("cpus", 1)), _number("gpus", raw.get("gpus", 0)),
                         resources, env)
 

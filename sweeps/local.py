@@ -60,7 +60,7 @@ class LocalExecutor:
 
     def adopt(self, rec: dict, remember):
         """A trial left `running` by a killed sweep cannot be adopted: wait for it to save and exit."""
-        if rec.get("executor", "local") != "local":
+        if rec.get("executor", self.kind) != self.kind:
             raise SweepError(f"trial {rec['id']} is running as {rec['executor']} job {rec.get('job')}; rerun with "
                              f"the same executor (--ray ADDRESS) or stop that job first")
         if alive(rec.get("pid"), rec["run_dir"]):
@@ -75,13 +75,13 @@ class LocalExecutor:
 
     def launch(self, trial_id: str, cmd: list[str], run_dir: Path, remember) -> LocalTrial:
         """Start the trial; `remember(fields)` records where it runs in trials.json."""
-        log = open(run_dir / "train.log", "a")
-        log.write(f"$ {shlex.join(cmd)}\n")
-        log.flush()
+        log_file = open(run_dir / "train.log", "a")
+        log_file.write(f"$ {shlex.join(cmd)}\n")
+        log_file.flush()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
-        remember({"executor": "local", "pid": proc.pid, "job": None})
-        return LocalTrial(proc, log)
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
+        remember({"executor": self.kind, "pid": proc.pid, "job": None})
+        return LocalTrial(proc, log_file)
 
     def pending(self, trial: LocalTrial) -> bool:
         return False  # a subprocess starts at once

@@ -117,7 +117,7 @@ class RayExecutor:
         job = f"{self.prefix}-{trial_id}-{uuid.uuid4().hex[:8]}"
         with open(log_path, "a") as f:
             f.write(f"$ {shlex.join(cmd)}  # ray job {job}\n")
-        remember({"executor": "ray", "job": job, "pid": None})
+        remember({"executor": self.kind, "job": job, "pid": None})
         self._submit(job, entrypoint(cmd, run_dir))
         return RayTrial(job, remember, log_path, since=time.time())
 
@@ -163,7 +163,7 @@ class RayExecutor:
 
     def adopt(self, rec: dict, remember):
         """A job a previous sweep process submitted: follow it again (None when the cluster never ran it)."""
-        if rec.get("executor") != "ray":
+        if rec.get("executor") != self.kind:
             from sweeps.local import LocalExecutor
             return LocalExecutor().adopt(rec, remember)  # a local trial: wait for it to exit, then relaunch
         info = self._job_info(rec["job"])
@@ -181,7 +181,8 @@ class RayExecutor:
         try:
             info = self._job_info(handle.job)
         except Exception as e:  # ConnectionError, HTTP 5xx: the job's state is unknown, not ended
-            return self._unreachable(e)
+            self._unreachable(e)
+            return None
         self.last_ok, self.warned = time.time(), False
         if info is None:
             return Ended(None, f"the Ray cluster no longer knows job {handle.job} (restarted?)", stopped=True)
