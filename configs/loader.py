@@ -171,6 +171,18 @@ def from_dict(data: dict) -> Config:
     return cfg
 
 
+def check_uri(value: str, key: str) -> None:
+    """A path a run reads or writes: local, or gs:// with gcsfs installed; else a ConfigError."""
+    if "://" not in value:
+        return
+    if not value.startswith("gs://"):
+        raise ConfigError(f"{key}={value}: the {value.split('://')[0]}:// scheme is not supported "
+                          f"(local paths and gs:// are)")
+    import importlib.util
+    if importlib.util.find_spec("gcsfs") is None:
+        raise ConfigError(f"{key}={value}: gs:// paths need gcsfs: pip install '.[gcs]'")
+
+
 def validate(cfg: Config) -> None:
     """Checks that need more than one key; device-dependent checks live in sharding.mesh."""
     m = cfg.model
@@ -186,6 +198,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.d_model ({m.d_model}) is not divisible by model.n_heads ({m.n_heads}); set model.head_dim")
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    for key in ("train.run_dir", "train.init_from", "train.compiled_step", "data.path", "data.val_path",
+                "data.tokenizer"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        check_uri(value, key)
+    for key in ("workers", "prepare_workers"):
+        if getattr(cfg.data, key) < 0:
+            raise ConfigError(f"config key 'data.{key}' must be >= 0; got {getattr(cfg.data, key)}")
+    if cfg.data.prefetch < 1:
+        raise ConfigError(f"config key 'data.prefetch' must be >= 1; got {cfg.data.prefetch}")
     if cfg.train.batch_size <= 0 or cfg.train.grad_accum <= 0:
         raise ConfigError("train.batch_size and train.grad_accum must be positive")
     if cfg.train.batch_size % cfg.train.grad_accum:

@@ -89,6 +89,9 @@ class DataConfig:
     val_fraction: float = 0.05       # used when val_path is empty
     shuffle_seed: int = 0
     tokenizer_sample_bytes: int = 20_000_000  # text fed to the sentencepiece trainer
+    workers: int = 0                 # loader processes computing batches ahead; 0 = threads of this one
+    prefetch: int = 2                # batches computed ahead
+    prepare_workers: int = 0         # processes tokenizing a raw data.path on first use; 0 = one per CPU
     # Classification tasks (task.kind == classify)
     text_column: str = "text"
     label_column: str = "label"

@@ -25,6 +25,8 @@ import json
 import os
 import re
 import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import DataError
@@ -94,15 +96,89 @@ def _dir_files(root: Path, suffix: str = "") -> list[str]:
     return sorted(out)
 
 
-def _jsonl_records(path: Path, field: str) -> list[str]:
-    """The `field` string of every non-blank line of a JSONL file."""
-    texts = []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            lines = f.read().split("\n")
-        except UnicodeDecodeError:
-            raise DataError(f"data file {path} is not UTF-8 text") from None
-    for i, line in enumerate(lines, 1):
+@dataclass(frozen=True)
+class Unit:
+    """A piece of a corpus that is read (and prepared) as one: a group of whole files, one
+    document each (`files`), a text file split per line (`lines`), or a JSONL file (`jsonl`)."""
+    kind: str
+    root: str                      # the directory of a `files` unit, else the file itself
+    names: tuple[str, ...] = ()    # '/'-separated paths under root (`files` units)
+    split: str | None = None       # every document in this split (data.val_path set), else by key
+    size: int = 0                  # input bytes, for progress reports
+
+
+UNIT_BYTES = (1 << 20, 256 << 20)  # a files unit holds about 1/64 of the corpus, within these bounds
+
+
+def corpus_units(path: str, field: str = "data.path", split: str | None = None) -> list[Unit]:
+    """The units of a stdlib (""), directory, text or JSONL corpus, in corpus order.
+
+    Files are grouped into units of about 1/64 of the corpus (1 MB to 256 MB): the grouping depends
+    on the corpus only, so prepared shards are the same whatever the worker count.
+    """
+    if path == "":
+        root, names = stdlib_root(), stdlib_files()
+    elif path.startswith("gs://"):
+        raise DataError(f"{path} ({field}) is not a prepared directory (no manifest.json): text on gs:// is "
+                        f"read by `python -m data.prepare` first")
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise DataError(f"data path not found: {path} ({field})")
+        if not p.is_dir():
+            kind = "jsonl" if p.suffix == ".jsonl" else "lines"
+            return [Unit(kind, str(p), split=split, size=p.stat().st_size)]
+        root, names = p, _dir_files(p)
+    sizes = [(root / n).stat().st_size for n in names]
+    target = min(max(sum(sizes) // 64, UNIT_BYTES[0]), UNIT_BYTES[1])
+    units, group, used = [], [], 0
+    for name, size in zip(names, sizes):
+        group.append(name)
+        used += size
+        if used >= target:
+            units.append(Unit("files", str(root), tuple(group), split, used))
+            group, used = [], 0
+    if group:
+        units.append(Unit("files", str(root), tuple(group), split, used))
+    return units
+
+
+def unit_documents(unit: Unit, val_fraction: float, jsonl_field: str) -> Iterator[tuple[str, str]]:
+    """(split, text) of every non-empty document of a unit, streamed: memory holds one document."""
+    def split_of(key: str) -> str:
+        return unit.split or ("val" if is_val(key, val_fraction) else "train")
+
+    if unit.kind == "files":
+        root = Path(unit.root)
+        for name in unit.names:
+            text = _read_text(root / name)
+            if text:
+                yield split_of(name), text
+    elif unit.kind == "jsonl":
+        for i, text in enumerate(_jsonl_records(Path(unit.root), jsonl_field)):
+            if text:
+                yield split_of(str(i)), text
+    else:
+        yield from _line_runs(Path(unit.root), split_of)
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """Lines of a UTF-8 text file, newlines kept, streamed."""
+    try:
+        with open(path, encoding="utf-8", errors="strict", newline="") as f:
+            for line in f:
+                if "\0" in line:
+                    raise DataError(f"data file {path} is not UTF-8 text")
+                yield line
+    except UnicodeDecodeError:
+        raise DataError(f"data file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise DataError(f"cannot read data file {path}: {e.strerror}") from None
+
+
+def _jsonl_records(path: Path, field: str) -> Iterator[str]:
+    """The `field` string of every non-blank line of a JSONL file, streamed."""
+    for i, line in enumerate(_lines(path), 1):
         if not line.strip():
             continue
         try:
@@ -111,47 +187,29 @@ def _jsonl_records(path: Path, field: str) -> list[str]:
             raise DataError(f"{path} line {i} is not valid JSON") from None
         if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
             raise DataError(f"{path} line {i} has no string field '{field}' (data.jsonl_field)")
-        texts.append(rec[field])
-    return texts
+        yield rec[field]
 
 
-def _line_runs(text: str, val_fraction: float, split: str | None) -> list[str]:
-    """Split a text file per line; consecutive lines in the same split join into one document."""
-    docs, run = [], []
-    for i, line in enumerate(text.splitlines(keepends=True)):
-        keep = split is None or is_val(str(i), val_fraction) == (split == "val")
-        if keep:
-            run.append(line)
-        elif run:
-            docs.append("".join(run))
+def _line_runs(path: Path, split_of) -> Iterator[tuple[str, str]]:
+    """A text file split per line (key: the line index); consecutive lines of the same split join
+    into one document."""
+    run, run_split = [], None
+    for i, line in enumerate(_lines(path)):
+        s = split_of(str(i))
+        if s != run_split and run:
+            yield run_split, "".join(run)
             run = []
+        run.append(line)
+        run_split = s
     if run:
-        docs.append("".join(run))
-    return docs
+        yield run_split, "".join(run)
 
 
-def read_documents(path: str, split: str | None, val_fraction: float, jsonl_field: str,
-                   field: str = "data.path") -> list[str]:
-    """Documents of `split` ('train', 'val', or None for all) from a stdlib ("" path), file, dir or JSONL."""
-    def keep(key: str) -> bool:
-        return split is None or is_val(key, val_fraction) == (split == "val")
-
-    if path == "":
-        root = stdlib_root()
-        texts = [_read_text(root / rel) for rel in stdlib_files(root) if keep(rel)]
-        return [t for t in texts if t]
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"data path not found: {path} ({field})")
-    if p.is_dir():
-        texts = [_read_text(p / rel) for rel in _dir_files(p) if keep(rel)]
-        return [t for t in texts if t]
-    if p.suffix == ".jsonl":
-        return [t for i, t in enumerate(_jsonl_records(p, jsonl_field)) if keep(str(i)) and t]
-    text = _read_text(p)
-    if text is None:
-        raise DataError(f"data file {path} is not UTF-8 text")
-    return [d for d in _line_runs(text, val_fraction, split) if d]
+def split_units(path: str, val_path: str = "") -> list[Unit]:
+    """The units of a corpus: all of `path`, its documents split by key hash; or, when `val_path`
+    is given, all of `path` for training and all of `val_path` for validation."""
+    units = corpus_units(path, "data.path", "train" if val_path else None)
+    return units + (corpus_units(val_path, "data.val_path", "val") if val_path else [])
 
 
 def split_documents(cfg, split: str) -> list[str]:
@@ -159,16 +217,11 @@ def split_documents(cfg, split: str) -> list[str]:
     d = cfg.data
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if d.val_path:
-        # A separate validation set: the training split is all of data.path.
-        path, name = (d.path, "data.path") if split == "train" else (d.val_path, "data.val_path")
-        docs = read_documents(path, None, d.val_fraction, d.jsonl_field, name)
-    else:
-        path, name = d.path, "data.path"
-        docs = read_documents(path, split, d.val_fraction, d.jsonl_field, name)
+    docs = [text for unit in split_units(d.path, d.val_path)
+            for s, text in unit_documents(unit, d.val_fraction, d.jsonl_field) if s == split]
     if not docs:
-        where = path or "the Python standard library"
-        raise DataError(f"no {split} documents with text in {where} ({name})")
+        path, name = (d.val_path, "data.val_path") if d.val_path and split == "val" else (d.path, "data.path")
+        raise DataError(f"no {split} documents with text in {path or 'the Python standard library'} ({name})")
     return docs
 
 
@@ -177,21 +230,22 @@ def validation_texts(cfg) -> list[str]:
     return split_documents(cfg, "val")
 
 
-def fingerprint(cfg, split: str) -> str:
-    """A cheap hash of what `split_documents` would read (paths, sizes, mtimes) for cache keys."""
+def fingerprint(cfg) -> str:
+    """A cheap hash of what the config's splits are read from (paths, settings, file sizes and
+    mtimes): the key of a run's automatically prepared data."""
     d = cfg.data
-    path = (d.path if split == "train" else d.val_path) if d.val_path else d.path
-    h = hashlib.sha256(repr((path, d.val_path, d.val_fraction, d.jsonl_field, split)).encode())
-    if path == "":
-        root = stdlib_root()
-        files = [root / rel for rel in stdlib_files(root)]
-    else:
-        p = Path(path)
-        files = [p / rel for rel in _dir_files(p)] if p.is_dir() else [p]
-    for f in files:
-        try:
-            st = f.stat()
-        except OSError:
-            continue
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    h = hashlib.sha256(repr((d.path, d.val_path, d.val_fraction, d.jsonl_field)).encode())
+    for path in (d.path, d.val_path) if d.val_path else (d.path,):
+        if path == "":
+            root = stdlib_root()
+            files = [root / rel for rel in stdlib_files(root)]
+        else:
+            p = Path(path)
+            files = [p / rel for rel in _dir_files(p)] if p.is_dir() else [p]
+        for f in files:
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]

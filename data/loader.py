@@ -1,85 +1,39 @@
-"""Deterministic, random-access batches of packed rows, with a token cache in RUN_DIR.
+"""Deterministic, random-access batches of packed rows from prepared token shards, streamed by grain.
 
 `Loader.batch(step)` is a pure function of (step, data.shuffle_seed, process_index): training rows
 come from a grain MapDataset, `range(num_rows).shuffle(seed).repeat()`, whose shuffle is a random-
 access index permutation re-seeded each epoch (grain uses seed + epoch, so every epoch has a
-different order). Global batch `step` is items [step*B, (step+1)*B) of that sequence, and process pi
-of pc takes rows [pi*B/pc, (pi+1)*B/pc) of it, so the processes' slices union to the global batch.
-The validation loader reads rows in order without shuffling; rows past the end are all padding
-(loss_mask 0), so `batch(0..num_batches-1)` covers every validation row exactly once. A loader made
-with `stride=seq_len-1` (`full_pass_loader`) reads overlapping rows whose targets are every token of
-the split once (see data/packing.py): the whole-split evaluation that is compared with xz.
+different order) and costs no memory per row. Global batch `step` is items [step*B, (step+1)*B) of
+that sequence, and process pi of pc takes rows [pi*B/pc, (pi+1)*B/pc) of it, so the processes'
+slices union to the global batch and each host reads only its rows. The validation loader reads
+rows in order without shuffling; rows past the end are all padding (loss_mask 0), so
+`batch(0..num_batches-1)` covers every validation row exactly once. A loader made with
+`stride=seq_len-1` (`full_pass_loader`) reads overlapping rows whose targets are every token of the
+split once (see data/packing.py): the whole-split evaluation that is compared with xz.
 
-The tokenized stream is cached at RUN_DIR/data_cache/<key>/ (tokens.npy, offsets.npy), keyed by the
-tokenizer file's hash, the data paths and split settings, and the files' sizes and mtimes. It does
-not depend on data.seq_len: rows are cut from the stream at load time.
+`Loader.stream(step)` computes batch(step), batch(step+1), ... ahead through grain: threads, or
+worker processes (data.workers). The stream's position is the training step, which checkpoints
+already hold, so a resumed run (one process or several) reads exactly the batches it would have.
+
+The rows come from a prepared directory (data/prepare.py): data.path itself when it is one, else
+RUN_DIR/data_cache/<key>/, prepared on first use and keyed by the tokenizer file's hash, the data
+paths and split settings, and the files' sizes and mtimes.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 import sys
 import time
-from pathlib import Path
 
 import grain
 import numpy as np
+from etils import epath
 
-from data.corpus import fingerprint, split_documents
+from data.corpus import fingerprint
 from data.errors import DataError
-from data.packing import make_rows, num_rows, pack_stream
+from data.packing import rows_from_windows
+from data.shards import ShardSet, is_prepared, read_manifest, tokenizer_hash, unpack
 from data.tokenizer import Tokenizer
-
-CACHE_VERSION = 1
-_ENCODE_CHUNK = 64  # documents per encode call: progress reports without slowing the C++ encoder
-
-
-def _cache_key(cfg, tokenizer: Tokenizer, split: str) -> str:
-    tok_hash = hashlib.sha256(Path(tokenizer.path).read_bytes()).hexdigest()[:16]
-    return f"{split}-{CACHE_VERSION}-{tok_hash}-{fingerprint(cfg, split)}"
-
-
-def tokenize_documents(docs: list[str], tokenizer: Tokenizer, label: str = "") -> list[list[int]]:
-    """Encode documents in chunks with sentencepiece's threads, reporting progress on stderr."""
-    out, total, done, t0, last = [], sum(len(d) for d in docs), 0, time.time(), time.time()
-    for i in range(0, len(docs), _ENCODE_CHUNK):
-        chunk = docs[i:i + _ENCODE_CHUNK]
-        out += tokenizer.encode_batch(chunk, num_threads=os.cpu_count() or 2)
-        done += sum(len(d) for d in chunk)
-        if time.time() - last > 5:
-            last = time.time()
-            print(f"[data] tokenizing {label}: {100 * done / total:.0f}% ({time.time() - t0:.0f}s)",
-                  file=sys.stderr, flush=True)
-    return out
-
-
-def load_stream(cfg, tokenizer: Tokenizer, run_dir: str | os.PathLike, split: str):
-    """The (tokens, offsets) stream of a split: from the cache, or tokenized and cached atomically."""
-    cache = Path(run_dir) / "data_cache"
-    final = cache / _cache_key(cfg, tokenizer, split)
-    if (final / "tokens.npy").is_file():
-        return np.load(final / "tokens.npy", mmap_mode="r"), np.load(final / "offsets.npy")
-    docs = split_documents(cfg, split)
-    t0 = time.time()
-    ids = tokenize_documents(docs, tokenizer, split)
-    tokens, offsets = pack_stream(ids, tokenizer.bos_id, tokenizer.eos_id)
-    print(f"[data] {split}: {len(docs)} documents, {len(tokens)} tokens, tokenized in "
-          f"{time.time() - t0:.1f}s", file=sys.stderr, flush=True)
-    # Write into a private temp directory, then rename it into place: readers never see a partial
-    # cache, and a concurrent writer (another host, same run_dir) simply loses the race.
-    tmp = cache / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    np.save(tmp / "tokens.npy", tokens)
-    np.save(tmp / "offsets.npy", offsets)
-    (tmp / "meta.json").write_text(json.dumps({"documents": len(docs), "tokens": int(len(tokens)),
-                                               "tokenizer": tokenizer.path, "path": cfg.data.path}))
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return tokens, offsets
 
 
 class Loader:
@@ -89,26 +43,24 @@ class Loader:
     `set_state()` carry that step through checkpoints, so a resumed run sees the same batches.
     """
 
-    def __init__(self, tokens, offsets, seq_len: int, global_batch: int, shuffle: bool, seed: int,
-                 pad_id: int = 0, process_index: int = 0, process_count: int = 1,
-                 stride: int | None = None):
+    def __init__(self, shards: ShardSet, global_batch: int, shuffle: bool, seed: int, pad_id: int = 0,
+                 process_index: int = 0, process_count: int = 1):
         if global_batch % process_count:
             raise DataError(f"train.batch_size ({global_batch}) is not divisible by the process count "
                             f"({process_count})")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} out of range for {process_count} processes")
-        if shuffle and stride not in (None, seq_len):
+        if shuffle and shards.stride != shards.seq_len:
             raise ValueError("overlapping rows (stride < seq_len) are for in-order evaluation only")
-        self.tokens, self.offsets, self.seq_len = tokens, offsets, seq_len
-        self.global_batch, self.shuffle, self.pad_id = global_batch, shuffle, pad_id
-        self.stride = seq_len if stride is None else stride
+        self.shards, self.seq_len, self.stride = shards, shards.seq_len, shards.stride
+        self.global_batch, self.shuffle, self.seed, self.pad_id = global_batch, shuffle, seed, pad_id
+        self.process_index, self.process_count = process_index, process_count
         self.local_batch = global_batch // process_count
         self.first = process_index * self.local_batch
-        self.num_rows = num_rows(tokens, seq_len, self.stride)
-        self.num_tokens = int(len(tokens))
+        self.num_rows, self.num_tokens = shards.num_rows, shards.num_tokens
         self.step = 0
         ds = grain.MapDataset.range(self.num_rows)
-        self._order = ds.shuffle(seed=seed).repeat() if shuffle else ds
+        self._order = ds.shuffle(seed=seed).repeat() if shuffle and self.num_rows else ds
 
     @property
     def num_batches(self) -> int:
@@ -125,8 +77,21 @@ class Loader:
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of global batch `step`: inputs, targets, segment_ids, positions (int32)
         and loss_mask (float32), each [B / process_count, T]."""
-        return make_rows(self.tokens, self.offsets, self.row_indices(step), self.seq_len, self.pad_id,
-                         self.stride)
+        raw, valid, first = self.shards.windows(self.row_indices(step))
+        ids, doc_start = unpack(raw)
+        return rows_from_windows(ids, doc_start, valid, first, self.pad_id, self.stride)
+
+    def stream(self, start: int, workers: int = 0, prefetch: int = 2):
+        """An iterator over batch(start), batch(start+1), ... computed `prefetch` ahead by grain, in
+        `workers` processes (0: threads of this one). Same batches as `batch`, in order."""
+        ds = grain.MapDataset.range(start, start + (1 << 40)).map(self.batch)
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(prefetch, 1), prefetch_buffer_size=prefetch))
+        if workers:
+            from absl import flags
+            if not flags.FLAGS.is_parsed():  # grain's worker pool reads absl flags; we take no absl flags
+                flags.FLAGS.mark_as_parsed()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
+        return iter(it)
 
     def __iter__(self):
         return self
@@ -146,17 +111,50 @@ class Loader:
 
 
 def full_pass_loader(val: Loader, process_index: int = 0, process_count: int = 1) -> Loader:
-    """In-order overlapping rows (stride T-1) over `val`'s stream: every token but the first of the
-    stream is a target exactly once (document-crossing targets masked), for whole-split evaluation."""
-    return Loader(val.tokens, val.offsets, val.seq_len, val.global_batch, shuffle=False, seed=0,
-                  pad_id=val.pad_id, process_index=process_index, process_count=process_count,
-                  stride=max(val.seq_len - 1, 1))
+    """In-order overlapping rows (stride T-1) over `val`'s split: every token but the first of each
+    shard is a target exactly once (document-crossing targets masked), for whole-split evaluation."""
+    return Loader(val.shards.with_stride(max(val.seq_len - 1, 1)), val.global_batch, shuffle=False, seed=0,
+                  pad_id=val.pad_id, process_index=process_index, process_count=process_count)
+
+
+def prepared_dir(cfg, tokenizer: Tokenizer, run_dir, process_index: int = 0) -> str:
+    """The prepared directory of the config's data: data.path when it is one (checked against the
+    tokenizer), else RUN_DIR/data_cache/<key>/, prepared now by process 0 if it is not yet complete
+    (the other processes wait for its manifest)."""
+    d = cfg.data
+    if is_prepared(d.path):
+        want, have = tokenizer_hash(tokenizer), read_manifest(d.path)["settings"]["tokenizer_sha256"]
+        if want != have:
+            raise DataError(f"data.path {d.path} was prepared with another tokenizer than {tokenizer.path} "
+                            f"(sha256 {have[:12]} vs {want[:12]})")
+        return d.path
+    key = f"prepared-{tokenizer_hash(tokenizer)[:16]}-{fingerprint(cfg)}"
+    out = epath.Path(run_dir) / "data_cache" / key
+    if process_index == 0:
+        from data.prepare import prepare  # not at import: `python -m data.prepare` imports this package first
+        prepare(d.path, out, tokenizer, d.val_path, d.val_fraction, d.jsonl_field, workers=d.prepare_workers)
+    else:
+        wait_for_manifest(out)
+    return str(out)
+
+
+def wait_for_manifest(directory, poll_seconds: float = 2.0) -> None:
+    """Block until another process has finished preparing `directory`."""
+    said = False
+    while read_manifest(directory) is None:
+        if not said:
+            print(f"[data] waiting for process 0 to prepare {directory}", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(poll_seconds)
 
 
 def make_loader(cfg, tokenizer: Tokenizer, run_dir: str | os.PathLike, split: str = "train",
                 process_index: int = 0, process_count: int = 1) -> Loader:
     """A Loader over `split` ('train': shuffled, repeating; 'val': fixed order) of the config's data."""
-    tokens, offsets = load_stream(cfg, tokenizer, run_dir, split)
-    return Loader(tokens, offsets, cfg.data.seq_len, cfg.train.batch_size, shuffle=split == "train",
-                  seed=cfg.data.shuffle_seed, pad_id=tokenizer.pad_id,
-                  process_index=process_index, process_count=process_count)
+    shards = ShardSet(prepared_dir(cfg, tokenizer, run_dir, process_index), split, cfg.data.seq_len)
+    if shards.num_rows == 0:
+        d = cfg.data
+        path, name = (d.val_path, "data.val_path") if d.val_path and split == "val" else (d.path, "data.path")
+        raise DataError(f"no {split} documents with text in {path or 'the Python standard library'} ({name})")
+    return Loader(shards, cfg.train.batch_size, shuffle=split == "train", seed=cfg.data.shuffle_seed,
+                  pad_id=tokenizer.pad_id, process_index=process_index, process_count=process_count)

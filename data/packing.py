@@ -1,8 +1,8 @@
-"""Pack tokenized documents into fixed-length rows of T tokens.
+"""Packed rows of T tokens, cut from a shard's stream of documents (see data/shards.py).
 
-Storage is a flat int32 token stream (every document as bos + tokens + eos, concatenated in corpus
-order) plus int64 document offsets; row r is stream[r*T : (r+1)*T]. Rows are index math over the
-stream, so the cache does not depend on T and there is no padding except at the end of the last row.
+A shard is every document as bos + tokens + eos, concatenated, with each document's first token
+marked. Row r is stream[r*T : (r+1)*T]: rows are index math over the stream, so prepared data does
+not depend on T, and there is no padding except at the end of a shard's last row.
 
 Per row (all [T]):
   inputs       the tokens (pad_id after the end of the stream)
@@ -17,27 +17,13 @@ Per row (all [T]):
 Evaluation over a whole split uses overlapping rows instead: with `stride` S < T, row r is
 stream[r*S : r*S+T] and only targets not scored by row r-1 count (loss_mask 0 on the rest). With
 S = T-1 consecutive rows share one token (the last target of a row is the first input of the
-next), so every token of the stream except the first is a target exactly once (`num_rows(tokens,
+next), so every token of the stream except the first is a target exactly once (`num_rows(n,
 T, T-1)` rows); targets that cross a document boundary (a bos) stay masked, so what is scored is
 every document's tokens and its eos, each once, at the cost of T/(T-1) of one pass.
 """
 from __future__ import annotations
 
 import numpy as np
-
-
-def pack_stream(docs_ids, bos_id: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate bos + ids + eos per document: (tokens int32 [N], offsets int64 [D+1])."""
-    lengths = np.array([len(ids) + 2 for ids in docs_ids], dtype=np.int64)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = np.empty(int(offsets[-1]), dtype=np.int32)
-    for start, ids in zip(offsets[:-1], docs_ids):
-        end = start + len(ids) + 2
-        tokens[start] = bos_id
-        tokens[start + 1:end - 1] = ids
-        tokens[end - 1] = eos_id
-    return tokens, offsets
 
 
 def _stride(seq_len: int, stride: int | None) -> int:
@@ -47,38 +33,35 @@ def _stride(seq_len: int, stride: int | None) -> int:
     return stride
 
 
-def num_rows(tokens: np.ndarray, seq_len: int, stride: int | None = None) -> int:
-    """Rows of T tokens, starting every `stride` (default T) tokens, that cover the stream (the last
-    one possibly padded)."""
-    stride, n = _stride(seq_len, stride), len(tokens)
-    return 0 if n == 0 else 1 + max(0, -(-(n - seq_len) // stride))
-
-
-def make_rows(tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray, seq_len: int,
-              pad_id: int = 0, stride: int | None = None) -> dict[str, np.ndarray]:
-    """The batch of packed rows `rows` ([b] int; -1 gives an all-padding row); arrays are [b, T].
-
-    Row r starts at stream position r*stride (default T); with stride < T a target already scored
-    by row r-1 is masked (loss_mask 0), so no target is counted twice.
-    """
+def num_rows(n_tokens: int, seq_len: int, stride: int | None = None) -> int:
+    """Rows of T tokens, starting every `stride` (default T) tokens, that cover a stream of
+    n_tokens (the last one possibly padded)."""
     stride = _stride(seq_len, stride)
-    rows = np.asarray(rows, dtype=np.int64)
-    n = len(tokens)
-    start = rows[:, None] * stride                                 # [b, 1] first stream position
-    pos = start + np.arange(seq_len)                               # [b, T] stream positions
-    valid = (rows[:, None] >= 0) & (pos < n)
-    safe = np.where(valid, pos, 0)
-    inputs = np.where(valid, tokens[safe] if n else 0, pad_id).astype(np.int32)
-    doc = np.searchsorted(offsets, safe, side="right") - 1         # [b, T] document index
-    chunk_start = np.maximum(offsets[doc], start)
-    positions = np.where(valid, safe - chunk_start, 0).astype(np.int32)
-    segment_ids = np.where(valid, doc - doc[:, :1] + 1, 0).astype(np.int32)
-    same = valid[:, 1:] & (segment_ids[:, 1:] == segment_ids[:, :-1])  # [b, T-1]
+    return 0 if n_tokens == 0 else 1 + max(0, -(-(n_tokens - seq_len) // stride))
+
+
+def rows_from_windows(ids: np.ndarray, doc_start: np.ndarray, valid: np.ndarray, first: np.ndarray,
+                      pad_id: int = 0, stride: int | None = None) -> dict[str, np.ndarray]:
+    """Training rows from stream windows: ids, doc_start (a document's first token), valid
+    (inside the stream) all [b, T]; first [b]: no earlier row overlaps this one.
+
+    With stride S < T a target that row r-1 already scored (the first T-1-S) is masked unless
+    the row is `first`, so no target is counted twice.
+    """
+    b, T = ids.shape
+    stride = _stride(T, stride)
+    t = np.arange(T)
+    chunk_start = valid & (doc_start | (t == 0))                          # [b, T]
+    segment_ids = np.where(valid, np.cumsum(chunk_start, axis=1), 0).astype(np.int32)
+    last_start = np.maximum.accumulate(np.where(chunk_start, t, 0), axis=1)
+    positions = np.where(valid, t - last_start, 0).astype(np.int32)
+    inputs = np.where(valid, ids, pad_id).astype(np.int32)
+    same = valid[:, 1:] & (segment_ids[:, 1:] == segment_ids[:, :-1])     # [b, T-1]
     targets = np.full_like(inputs, pad_id)
     targets[:, :-1] = np.where(same, inputs[:, 1:], pad_id)
-    loss_mask = np.zeros(inputs.shape, dtype=np.float32)
-    if stride < seq_len:  # targets at stream positions <= start + T - 1 - stride were row r-1's
-        same &= (rows[:, None] == 0) | (pos[:, 1:] > start + seq_len - 1 - stride)
+    if stride < T:
+        same &= first[:, None] | (t[1:] > T - 1 - stride)
+    loss_mask = np.zeros((b, T), np.float32)
     loss_mask[:, :-1] = same
     return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids,
             "positions": positions, "loss_mask": loss_mask}

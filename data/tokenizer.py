@@ -17,13 +17,15 @@ import io
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 from data.corpus import split_documents, stable_fraction
 from data.errors import DataError
+from data.shards import is_prepared
+from store.paths import run_path, write_atomic
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 MIN_VOCAB = 384  # 4 control + 256 byte pieces + the corpus's common characters and some merges
@@ -42,12 +44,16 @@ class Tokenizer:
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=self.path)
+            # Read through epath: the file may be on gs:// (a prepared directory, a run directory).
+            self.sp = spm.SentencePieceProcessor(model_proto=epath.Path(self.path).read_bytes())
         except (OSError, RuntimeError):
             raise DataError(f"tokenizer file {self.path} is not a valid sentencepiece model") from None
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = max(self.sp.pad_id(), 0)
+
+    def __reduce__(self):  # pickled by path for data.prepare's worker processes
+        return type(self), (self.path,)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text`, no special tokens added (a leading BOS when add_bos)."""
@@ -111,17 +117,16 @@ def train_tokenizer(docs: list[str], vocab_size: int, path: str | os.PathLike, s
             hard_vocab_limit=False, num_threads=num_threads, minloglevel=2)
     except RuntimeError as e:
         raise DataError(f"tokenizer training failed: {str(e).strip().splitlines()[-1]}") from None
-    path = Path(path)
+    path = run_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written tokenizer
+    write_atomic(path, model.getvalue())  # a crash never leaves a half-written tokenizer
     print(f"[data] tokenizer trained in {time.time() - t0:.1f}s -> {path}", file=sys.stderr, flush=True)
     return Tokenizer(path)
 
 
 def load_tokenizer(cfg, run_dir: str | os.PathLike) -> Tokenizer:
-    """The run's tokenizer: data.tokenizer if set, else RUN_DIR/tokenizer.model, trained if missing.
+    """The run's tokenizer: data.tokenizer if set, else that of a prepared data.path, else
+    RUN_DIR/tokenizer.model, trained on the training split if missing.
 
     A trained tokenizer has model.vocab_size pieces with pad=0, bos=1, eos=2, unk=3 and byte fallback;
     either way its vocabulary must fit model.vocab_size (the embedding table) and it must define bos
@@ -129,11 +134,17 @@ def load_tokenizer(cfg, run_dir: str | os.PathLike) -> Tokenizer:
     """
     want = cfg.model.vocab_size
     if cfg.data.tokenizer:
-        if not Path(cfg.data.tokenizer).is_file():
+        if not epath.Path(cfg.data.tokenizer).is_file():
             raise DataError(f"tokenizer file not found: {cfg.data.tokenizer} (data.tokenizer)")
         tok = Tokenizer(cfg.data.tokenizer)
+    elif is_prepared(cfg.data.path):  # a directory made by data.prepare carries its tokenizer
+        path = epath.Path(cfg.data.path) / TOKENIZER_FILE
+        if not path.exists():
+            raise DataError(f"{cfg.data.path} has no {TOKENIZER_FILE}: set data.tokenizer to the tokenizer "
+                            f"it was prepared with")
+        tok = Tokenizer(path)
     else:
-        path = Path(run_dir) / TOKENIZER_FILE
+        path = run_path(run_dir) / TOKENIZER_FILE
         if path.is_file():
             tok = Tokenizer(path)
         else:

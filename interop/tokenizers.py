@@ -112,6 +112,9 @@ class HFTokenizer(ChatTemplateMixin):
         self.pad_id = max(self._id(self.pad_token), 0)
         self.chat_template = read_chat_template(self.directory, config)
 
+    def __reduce__(self):  # pickled by path for data.prepare's worker processes
+        return type(self), (self.directory,)
+
     def _id(self, token: str | None) -> int:
         tid = self._tok.token_to_id(token) if token else None
         return -1 if tid is None else tid

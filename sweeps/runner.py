@@ -141,8 +141,9 @@ def last_step(run_dir: Path) -> int:
 def share_token_cache(spec: SweepSpec, run_dir: Path) -> None:
     """Point the trial's RUN_DIR/data_cache at SWEEP_DIR/data_cache: the corpus is tokenized once.
 
-    The data package keys each cached stream by tokenizer hash and data fingerprint, and writes it
-    atomically (a concurrent writer loses the race harmlessly), so trials can share one cache.
+    The data package keys each prepared directory by tokenizer hash and data fingerprint, and renames
+    every shard and record into place when complete (concurrent writers write the same bytes), so
+    trials can share one cache.
     """
     link = run_dir / "data_cache"
     if link.exists() or link.is_symlink():

@@ -1,7 +1,7 @@
 """Language-model evaluation of a checkpoint: perplexity and bits per byte on text, and
 multiple-choice accuracy by log-likelihood.
 
-Perplexity uses the training pipeline's own pieces (data.read_documents, pack_stream, Loader,
+Perplexity uses the training pipeline's own pieces (data.corpus, pack_documents, Loader,
 token_bytes, bits_per_byte and training.step's eval step), so its numbers are the same quantity
 as the validation bits per byte that training logs: documents packed as BOS + text + EOS into
 rows of T tokens, every next-token prediction inside a document chunk scored once.
@@ -75,23 +75,27 @@ def _separator_ids(tok) -> tuple[int, int]:
 
 def perplexity(lm: LoadedLM, path: str, seq_len: int = 0, batch_size: int = 0, max_tokens: int = 0) -> dict:
     """Perplexity and bits per byte of the model on a text file, directory or JSONL file."""
-    from data.corpus import read_documents
+    import tempfile
+
+    from data.corpus import split_units, unit_documents
     from data.loader import Loader
     from training.step import jit_eval_step
     cfg = lm.cfg
     T = seq_len or min(cfg.data.seq_len, cfg.model.max_seq_len)
     if T > cfg.model.max_seq_len:
         raise ConfigError(f"--seq-len {T} exceeds the model's max_seq_len ({cfg.model.max_seq_len})")
-    docs = read_documents(str(path), None, 0.0, cfg.data.jsonl_field, "data")
+    docs = [text for unit in split_units(str(path)) for _, text in unit_documents(unit, 0.0, cfg.data.jsonl_field)]
     if not docs:
         raise data.DataError(f"no text to evaluate in {path}")
     encode = getattr(lm.tokenizer, "encode_batch", None)
     ids = encode(docs) if encode else [lm.tokenizer.encode(d) for d in docs]
-    tokens, offsets = data.pack_stream(ids, *_separator_ids(lm.tokenizer))
+    stream = data.pack_documents(ids, *_separator_ids(lm.tokenizer))
     if max_tokens:
-        tokens = tokens[:max_tokens]
+        stream = stream[:max_tokens]
     B = lm.batch_size(batch_size)
-    loader = Loader(tokens, offsets, T, B, shuffle=False, seed=0, pad_id=max(lm.tokenizer.pad_id, 0))
+    scratch = tempfile.TemporaryDirectory(prefix="tessera-eval-")
+    shards = data.ShardSet(data.write_streams(scratch.name, {"eval": [stream]}), "eval", T)
+    loader = Loader(shards, B, shuffle=False, seed=0, pad_id=max(lm.tokenizer.pad_id, 0))
     param_sh = jax.tree.map(lambda x: x.sharding, lm.params)
     eval_fn = jit_eval_step(lm.graphdef, lm.mesh, param_sh)
     token_bytes = jnp.asarray(data.token_bytes(lm.tokenizer), jnp.float32)
@@ -102,6 +106,8 @@ def perplexity(lm: LoadedLM, path: str, seq_len: int = 0, batch_size: int = 0, m
         out = eval_fn(lm.params, batch, token_bytes)
         for k in totals:
             totals[k] += float(out[k])
+    shards.close()
+    scratch.cleanup()
     nll = totals["nll_sum"] / max(totals["tokens"], 1.0)
     return {"checkpoint": lm.path, "data": str(path), "documents": len(docs), "seq_len": T,
             "tokens": int(totals["tokens"]), "bytes": int(totals["bytes"]), "nll_per_token": nll,

@@ -8,8 +8,10 @@ import pytest
 
 import data
 from configs import Config, DataConfig, ModelConfig, TrainConfig, load_config
-from data import corpus, loader as loader_mod
+from data import corpus
+from data import prepare as prepare_mod
 from data.corpus import is_val, stdlib_files, stdlib_root
+from data_helpers import write_prepared
 
 VOCAB = 512
 CODE = ("class A:\n    def f(self, x):\n\tif x:   # tab, 3 spaces  \n            return x**2 + 1e-3\r\n"
@@ -79,23 +81,30 @@ def test_text_file_split_per_line_and_jsonl_per_record(tmp_path):
 
 # ---- packing ----
 
-def test_packing_hand_example():
-    tokens, offsets = data.pack_stream([[10, 11, 12], [20], [30, 31, 32, 33, 34, 35]], bos_id=1, eos_id=2)
-    assert tokens.tolist() == [1, 10, 11, 12, 2, 1, 20, 2, 1, 30, 31, 32, 33, 34, 35, 2]
-    assert offsets.tolist() == [0, 5, 8, 16]
-    b = data.make_rows(tokens, offsets, np.array([0, 1, 2, 3, -1]), seq_len=4, pad_id=0)
-    assert b["inputs"].tolist() == [[1, 10, 11, 12], [2, 1, 20, 2], [1, 30, 31, 32], [33, 34, 35, 2], [0] * 4]
-    assert b["segment_ids"].tolist() == [[1, 1, 1, 1], [1, 2, 2, 2], [1, 1, 1, 1], [1, 1, 1, 1], [0] * 4]
-    assert b["positions"].tolist() == [[0, 1, 2, 3], [0, 0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3], [0] * 4]
-    assert b["targets"].tolist() == [[10, 11, 12, 0], [0, 20, 2, 0], [30, 31, 32, 0], [34, 35, 2, 0], [0] * 4]
-    assert b["loss_mask"].tolist() == [[1, 1, 1, 0], [0, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [0] * 4]
+def test_packing_hand_example(tmp_path):
+    docs = [[10, 11, 12], [20], [30, 31, 32, 33, 34, 35]]
+    stream = data.pack_documents(docs, bos_id=1, eos_id=2)
+    ids, start = data.unpack(stream)
+    assert ids.tolist() == [1, 10, 11, 12, 2, 1, 20, 2, 1, 30, 31, 32, 33, 34, 35, 2]
+    assert np.flatnonzero(start).tolist() == [0, 5, 8]
+    # The second shard ends mid-row: its last row is padded.
+    shards = data.ShardSet(write_prepared(tmp_path / "p", {"train": [docs, [[40]]]}), "train", seq_len=4)
+    assert shards.num_rows == 5 and shards.num_tokens == 19
+    ld = data.Loader(shards, global_batch=6, shuffle=False, seed=0)
+    b = ld.batch(0)
+    assert b["inputs"].tolist() == [[1, 10, 11, 12], [2, 1, 20, 2], [1, 30, 31, 32], [33, 34, 35, 2],
+                                    [1, 40, 2, 0], [0] * 4]
+    assert b["segment_ids"].tolist() == [[1, 1, 1, 1], [1, 2, 2, 2], [1, 1, 1, 1], [1, 1, 1, 1],
+                                         [1, 1, 1, 0], [0] * 4]
+    assert b["positions"].tolist() == [[0, 1, 2, 3], [0, 0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3],
+                                       [0, 1, 2, 0], [0] * 4]
+    assert b["targets"].tolist() == [[10, 11, 12, 0], [0, 20, 2, 0], [30, 31, 32, 0], [34, 35, 2, 0],
+                                      [40, 2, 0, 0], [0] * 4]
+    assert b["loss_mask"].tolist() == [[1, 1, 1, 0], [0, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0],
+                                       [1, 1, 0, 0], [0] * 4]
     assert {k: v.dtype.name for k, v in b.items()} == {
         "inputs": "int32", "targets": "int32", "segment_ids": "int32", "positions": "int32",
         "loss_mask": "float32"}
-    # A stream that ends mid-row is padded.
-    b = data.make_rows(tokens[:6], offsets[:2].copy(), np.array([1]), seq_len=4)
-    assert b["inputs"].tolist() == [[2, 1, 0, 0]] and b["segment_ids"].tolist() == [[1, 2, 0, 0]]
-    assert b["loss_mask"].tolist() == [[0, 0, 0, 0]]
 
 
 # ---- tokenizer ----
@@ -133,7 +142,7 @@ def test_loader_deterministic_and_resumable(tok, corpus_dir, run_dir, monkeypatc
     a = data.make_loader(cfg, tok, run_dir)
     assert a.num_tokens > 1000 and a.num_rows == math.ceil(a.num_tokens / 32)
     # The second loader reads the cache: no tokenizing.
-    monkeypatch.setattr(loader_mod, "tokenize_documents", lambda *x, **k: pytest.fail("re-tokenized"))
+    monkeypatch.setattr(prepare_mod, "prepare_unit", lambda *x, **k: pytest.fail("re-tokenized"))
     b = data.make_loader(cfg, tok, run_dir)
     for k in (0, 5, 123):
         x, y = a.batch(k), b.batch(k)

@@ -12,41 +12,44 @@ import numpy as np
 import pytest
 
 import data
-from data.packing import make_rows, num_rows, pack_stream
+from data.packing import num_rows
+from data_helpers import stream_of, write_prepared
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
-def scored_positions(tokens, offsets, seq_len, stride):
-    """Stream positions of every target with loss_mask 1 over all rows, and the targets' ids."""
-    rows = np.arange(num_rows(tokens, seq_len, stride))
-    b = make_rows(tokens, offsets, rows, seq_len, pad_id=0, stride=stride)
+def scored_positions(tmp_path, docs, seq_len, stride):
+    """Stream positions of every target with loss_mask 1 over all rows of a one-shard split, and
+    the targets' ids."""
+    shards = data.ShardSet(write_prepared(tmp_path, {"val": [docs]}), "val", seq_len, stride)
+    ld = data.Loader(shards, global_batch=shards.num_rows, shuffle=False, seed=0)
+    b = ld.batch(0)
     r, t = np.nonzero(b["loss_mask"])
-    return rows[r] * stride + t + 1, b["targets"][r, t]
+    return r * stride + t + 1, b["targets"][r, t]
 
 
 @pytest.mark.parametrize("seq_len,stride", [(2, 1), (4, 3), (8, 7), (8, 3), (32, 31), (200, 199), (8, 8)])
-def test_overlapping_rows_score_every_token_once(seq_len, stride):
+def test_overlapping_rows_score_every_token_once(tmp_path, seq_len, stride):
     rng = np.random.default_rng(seq_len)
     docs = [list(rng.integers(4, 50, size=n)) for n in (0, 1, 5, 31, 32, 33, 70, 3, 2)]
-    tokens, offsets = pack_stream(docs, 1, 2)
-    pos, targets = scored_positions(tokens, offsets, seq_len, stride)
+    tokens = stream_of(docs)
+    pos, targets = scored_positions(tmp_path, docs, seq_len, stride)
     np.testing.assert_array_equal(targets, tokens[pos])
     if stride == seq_len:  # standalone rows: no double counting, one target lost per row boundary
-        assert len(np.unique(pos)) == len(pos) and num_rows(tokens, seq_len) == math.ceil(len(tokens) / seq_len)
+        assert len(np.unique(pos)) == len(pos) and num_rows(len(tokens), seq_len) == math.ceil(len(tokens) / seq_len)
         return
     # Every token except the bos of each document (never predicted across documents) exactly once.
-    expected = np.setdiff1d(np.arange(len(tokens)), offsets[:-1])
-    np.testing.assert_array_equal(np.sort(pos), expected)
+    bos = np.cumsum([0] + [len(d) + 2 for d in docs[:-1]])
+    np.testing.assert_array_equal(np.sort(pos), np.setdiff1d(np.arange(len(tokens)), bos))
 
 
-def test_full_pass_loader_batches_cover_the_split_once():
-    docs = [list(range(4, 4 + n)) for n in (40, 3, 17, 90)]
-    tokens, offsets = pack_stream(docs, 1, 2)
-    val = data.Loader(tokens, offsets, seq_len=16, global_batch=4, shuffle=False, seed=0)
+def test_full_pass_loader_batches_cover_the_split_once(tmp_path):
+    shards = [[list(range(4, 4 + n)) for n in (40, 3)], [list(range(4, 4 + n)) for n in (17, 90)]]
+    val = data.Loader(data.ShardSet(write_prepared(tmp_path, {"val": shards}), "val", 16), global_batch=4,
+                      shuffle=False, seed=0)
     full = data.full_pass_loader(val)
     masks = [full.batch(i)["loss_mask"].sum() for i in range(full.num_batches)]
-    assert sum(masks) == len(tokens) - len(docs)
+    assert sum(masks) == val.num_tokens - 4  # every token but each document's bos
     # Two processes' slices of each global batch add up to the same targets.
     halves = [data.full_pass_loader(val, pi, 2) for pi in range(2)]
     split = sum(h.batch(i)["loss_mask"].sum() for h in halves for i in range(full.num_batches))

@@ -134,7 +134,7 @@ def test_sweep_completes_with_tables_and_plots(killed_and_resumed):
     assert (out / "tokenizer" / "tokenizer.model").is_file()  # trained once, shared by all trials
     assert "data.tokenizer=" in (out / "t000" / "train.log").read_text().splitlines()[0]
     assert all((out / t / "data_cache").is_symlink() for t in after)  # the corpus tokenized once
-    assert len([p for p in (out / "data_cache").iterdir() if p.name.startswith("train-")]) == 1
+    assert len([p for p in (out / "data_cache").iterdir() if p.name.startswith("prepared-")]) == 1
 
 
 def test_a_failing_trial_is_recorded_and_the_others_finish(tmp_path, corpus):

@@ -8,7 +8,6 @@ it runs. ClassifyTask (tasks/classify/train.py) is the other task.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from jax.sharding import Mesh
 import data
 from configs import Config, ConfigError
 from model.stats import flops_per_token
+from store.paths import run_path, write_atomic
 from training.state import lm_model
 from training.step import BATCH_KEYS, batch_sharding, jit_eval_step, lm_loss, to_global
 
@@ -55,7 +55,7 @@ class LMTask:
 
     def setup(self, cfg: Config) -> None:
         """Tokenizer and loaders; bad input raises a ConfigError before the run directory is touched."""
-        self.cfg, self.run_dir = cfg, Path(cfg.train.run_dir)
+        self.cfg, self.run_dir = cfg, run_path(cfg.train.run_dir)
         pi, pc = jax.process_index(), jax.process_count()
         self.tokenizer = self._tokenizer()
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
@@ -63,6 +63,7 @@ class LMTask:
                               f"model.vocab_size is {cfg.model.vocab_size}")
         self.train_data = data.make_loader(cfg, self.tokenizer, str(self.run_dir), "train", pi, pc)
         self.val_data = data.make_loader(cfg, self.tokenizer, str(self.run_dir), "val", pi, pc)
+        self._stream, self._next_step = None, 0
         self.token_bytes = jnp.asarray(data.token_bytes(self.tokenizer), jnp.float32)
         self.loss = lm_loss(cfg.train.z_loss)
         self.tokens_per_batch = cfg.train.batch_size * cfg.data.seq_len
@@ -80,14 +81,14 @@ class LMTask:
         for name in TOKENIZER_FILES:
             src, dst = Path(init_from) / name, self.run_dir / name
             if src.is_file() and not dst.exists() and jax.process_index() == 0:
-                shutil.copyfile(src, dst)
+                write_atomic(dst, src.read_bytes())
         return load_tokenizer_dir(init_from)
 
-    def save_files(self, run_dir: Path) -> None:
+    def save_files(self, run_dir) -> None:
         """The run keeps the tokenizer it was trained with."""
-        kept = run_dir / "tokenizer.model"
-        if Path(self.tokenizer.path).suffix == ".model" and not kept.exists() and jax.process_index() == 0:
-            shutil.copyfile(self.tokenizer.path, kept)
+        kept, src = run_dir / "tokenizer.model", run_path(self.tokenizer.path)
+        if src.suffix == ".model" and not kept.exists() and jax.process_index() == 0:
+            write_atomic(kept, src.read_bytes())
 
     def build_model(self):
         """The Transformer whose params are trained."""
@@ -105,8 +106,24 @@ class LMTask:
         return {k: batch_sharding(mesh) for k in BATCH_KEYS}
 
     def batch(self, step: int) -> dict:
-        """This process's rows of training batch `step`."""
-        return self.train_data.batch(step)
+        """This process's rows of training batch `step`, computed ahead by the loader's stream."""
+        if self._stream is None or self._next_step != step:  # first call, or a jump (resume, eval)
+            self._stop_stream()
+            self._stream = self.train_data.stream(step, self.cfg.data.workers, self.cfg.data.prefetch)
+        self._next_step = step + 1
+        return next(self._stream)
+
+    def _stop_stream(self) -> None:
+        stream, self._stream = getattr(self, "_stream", None), None
+        if stream is not None and hasattr(stream, "close"):
+            stream.close()
+
+    def close(self) -> None:
+        """Stop the loader's prefetching (and its worker processes) and close its shard files."""
+        self._stop_stream()
+        for loader in (getattr(self, "train_data", None), getattr(self, "val_data", None)):
+            if loader is not None:
+                loader.shards.close()
 
     def compile_eval(self, graphdef, mesh: Mesh, param_shardings) -> None:
         """Jit the eval step for these params."""
@@ -128,7 +145,8 @@ class LMTask:
 
         Overlapping rows (data.full_pass_loader) make every token of every validation document
         (and its eos) a target exactly once. Bits per byte = summed nll (nats) / ln 2 / the UTF-8
-        length of the validation texts concatenated, which are exactly the bytes given to xz.
+        length of the validation texts concatenated, which are exactly the bytes xz was given when
+        the data was prepared (nan when the split was over data.prepare's XZ_MAX_BYTES).
         `full_val_token_bytes` is what the scored tokens' pieces spell: equal to `full_val_bytes`
         for a lossless tokenizer. None when `stop()` turns true meanwhile.
         """
@@ -138,12 +156,11 @@ class LMTask:
         if totals is None:
             return None
         eval_seconds = time.time() - t0
-        texts = data.validation_texts(self.cfg)
-        n_bytes = data.utf8_bytes(texts)
-        t1 = time.time()
-        xz = data.xz_bits_per_byte(texts) if jax.process_index() == 0 else float("nan")
-        return {"full_val_documents": len(texts), "full_val_bytes": n_bytes,
+        val = self.val_data.shards.info  # the prepared split's totals: the bytes xz was given
+        xz = val.get("xz_bpb")
+        return {"full_val_documents": val["documents"], "full_val_bytes": val["bytes"],
                 "full_val_tokens": totals["tokens"], "full_val_token_bytes": totals["bytes"],
                 "full_val_loss": totals["nll_sum"] / max(totals["tokens"], 1),
-                "full_val_bpb": data.bits_per_byte(totals["nll_sum"], n_bytes), "xz_bpb": xz,
-                "full_val_seconds": eval_seconds, "xz_seconds": time.time() - t1}
+                "full_val_bpb": data.bits_per_byte(totals["nll_sum"], val["bytes"]),
+                "xz_bpb": float("nan") if xz is None else xz,
+                "full_val_seconds": eval_seconds}

@@ -198,6 +198,9 @@ class ClassifyTask:
         return (f"step {step}: validation accuracy {m['val_accuracy']:.4f}, macro F1 {m['val_macro_f1']:.4f}, "
                 f"loss {m['val_loss']:.4f}")
 
+    def close(self) -> None:
+        """Batches are index math over encoded rows in memory: nothing runs in the background."""
+
     def write_report(self, step: int) -> None:
         """val/: the report of the last evaluation, as `evaluate.py classify` writes it."""
         if jax.process_index() == 0:
