@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import pickle
-from pathlib import Path
-
 import jax
 
 from configs import Config, to_dict
+from store.paths import run_path, write_atomic
 
 EXE_FILE, META_FILE = "train_step.jaxexe", "train_step.json"
 # Train keys that do not change the compiled step (logging, evaluation, paths, init).
@@ -55,25 +54,24 @@ def fingerprint(cfg: Config) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()}
 
 
-def save_executable(directory, compiled, cfg: Config, target: str, devices) -> Path:
+def save_executable(directory, compiled, cfg: Config, target: str, devices):
     """Write the executable and its fingerprint into `directory`; returns the executable's path.
 
     `devices` are those it was compiled for; `target` names them for people (e.g. v5p-8)."""
     from jax.experimental.serialize_executable import serialize
-    directory = Path(directory)
+    directory = run_path(directory)  # local or gs://
     directory.mkdir(parents=True, exist_ok=True)
     payload, in_tree, out_tree = serialize(compiled)
-    with open(directory / EXE_FILE, "wb") as f:
-        pickle.dump((payload, in_tree, out_tree), f)
+    write_atomic(directory / EXE_FILE, pickle.dumps((payload, in_tree, out_tree)))
     meta = {"target": target, "device_kind": devices[0].device_kind, "n_devices": len(devices),
             "versions": _versions(), "config": fingerprint(cfg)}
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+    write_atomic(directory / META_FILE, json.dumps(meta, indent=2).encode())
     return directory / EXE_FILE
 
 
 def check_compatible(directory, cfg: Config, devices=None) -> str | None:
     """None when the saved step fits this run and machine, else the one-line reason it does not."""
-    directory = Path(directory)
+    directory = run_path(directory)
     if not (directory / EXE_FILE).is_file() or not (directory / META_FILE).is_file():
         return f"{directory} holds no saved train step ({EXE_FILE} and {META_FILE})"
     meta = json.loads((directory / META_FILE).read_text())
@@ -100,8 +98,7 @@ def load_executable(directory, cfg: Config, devices=None):
     if reason:
         return None, reason
     from jax.experimental.serialize_executable import deserialize_and_load
-    with open(Path(directory) / EXE_FILE, "rb") as f:
-        payload, in_tree, out_tree = pickle.load(f)
+    payload, in_tree, out_tree = pickle.loads((run_path(directory) / EXE_FILE).read_bytes())
     try:
         return deserialize_and_load(payload, in_tree, out_tree), None
     except Exception as e:  # a runtime that cannot load it: compile as usual instead

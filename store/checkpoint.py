@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
@@ -21,24 +19,23 @@ import yaml
 from flax import nnx
 
 from configs import Config, ConfigError, from_dict, to_dict
+from store.paths import run_path, write_atomic
 
 log = logging.getLogger("tessera")
 
 
-def write_config(run_dir: str | Path, cfg: Config) -> None:
-    """Write RUN_DIR/config.yaml atomically (process 0 only)."""
+def write_config(run_dir, cfg: Config) -> None:
+    """Write RUN_DIR/config.yaml atomically (process 0 only); RUN_DIR may be gs://."""
     if jax.process_index() != 0:
         return
-    run_dir = Path(run_dir)
+    run_dir = run_path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=run_dir, delete=False, suffix=".tmp") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(f.name, run_dir / "config.yaml")
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
 
 
-def read_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
+def read_config(run_dir, overrides: list[str] = ()) -> Config:
     """The config saved in a run directory, with optional overrides (e.g. serve.* keys)."""
-    path = Path(run_dir) / "config.yaml"
+    path = run_path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a Tessera checkpoint: {path.name} not found")
     from configs.loader import _merge, parse_overrides
@@ -53,8 +50,8 @@ def to_pure(state) -> dict:
 class Checkpointer:
     """Save and restore training state in RUN_DIR/checkpoints with orbax."""
 
-    def __init__(self, run_dir: str | Path, keep: int = 3, async_save: bool = True):
-        self.directory = Path(run_dir).resolve() / "checkpoints"
+    def __init__(self, run_dir, keep: int = 3, async_save: bool = True):
+        self.directory = run_path(run_dir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -98,7 +95,7 @@ class Checkpointer:
                 dst = self.directory / f"unreadable-{step}"
                 if dst.exists():
                     dst = self.directory / f"unreadable-{step}-{os.getpid()}"
-                os.replace(src, dst)
+                src.rename(dst)
         self.manager.reload()
 
     def wait(self) -> None:
@@ -116,7 +113,7 @@ def abstract_pure(state, shardings) -> dict:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, shard)
 
 
-def load_params(run_dir: str | Path, cfg: Config, mesh, rules: str | None = None):
+def load_params(run_dir, cfg: Config, mesh, rules: str | None = None):
     """Restore the newest params of a run directory onto `mesh` under `rules`: (graphdef, state)."""
     from model.init import param_shardings
     graphdef, abstract, shardings = param_shardings(cfg, mesh, rules)
@@ -124,10 +121,10 @@ def load_params(run_dir: str | Path, cfg: Config, mesh, rules: str | None = None
     return graphdef, abstract
 
 
-def restore_params(run_dir: str | Path, abstract: dict) -> dict:
+def restore_params(run_dir, abstract: dict) -> dict:
     """The newest loadable params of a run directory, restored into `abstract` (ShapeDtypeStructs
     carrying their target shardings, pure-dict layout)."""
-    if not (Path(run_dir) / "checkpoints").is_dir():
+    if not (run_path(run_dir) / "checkpoints").is_dir():
         raise ConfigError(f"{run_dir} has no checkpoints/ directory")
     ckpt = Checkpointer(run_dir, async_save=False)
     try:
@@ -139,7 +136,7 @@ def restore_params(run_dir: str | Path, abstract: dict) -> dict:
     return found[1]
 
 
-def save_params(run_dir: str | Path, cfg: Config, state, step: int = 0) -> None:
+def save_params(run_dir, cfg: Config, state, step: int = 0) -> None:
     """Write a params-only checkpoint (used by imports and offline quantization)."""
     write_config(run_dir, cfg)
     ckpt = Checkpointer(run_dir, async_save=False)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +30,7 @@ from configs import ARCHITECTURE_FIELDS, Config, ConfigError, to_dict
 from configs.loader import validate
 from sharding.mesh import make_mesh
 from store.checkpoint import Checkpointer, write_config
+from store.paths import run_path
 from training.lm_task import LMTask
 from training.metrics import MetricsLogger, peak_flops, throughput
 from training.optimizer import learning_rate, make_optimizer
@@ -52,7 +52,7 @@ class StopRequested:
 
 def check_run_dir(cfg: Config) -> None:
     """Refuse to resume a run directory that holds a different model architecture."""
-    saved = Path(cfg.train.run_dir) / "config.yaml"
+    saved = run_path(cfg.train.run_dir) / "config.yaml"
     if not saved.is_file():
         return
     old = (yaml.safe_load(saved.read_text()) or {}).get("model", {})
@@ -85,7 +85,7 @@ class Trainer:
         validate(cfg)
         self.cfg = cfg
         check_run_dir(cfg)
-        self.run_dir = Path(cfg.train.run_dir)
+        self.run_dir = run_path(cfg.train.run_dir)  # a local folder or gs://
         self.mesh = make_mesh(cfg)
         pc = jax.process_count()
         if cfg.train.batch_size % (pc * cfg.train.grad_accum):
@@ -133,6 +133,7 @@ class Trainer:
     def save(self, step: int, force: bool = False) -> None:
         meta = {"step": step, "data_step": step, "seed": self.cfg.train.seed, **self.task.checkpoint_meta()}
         self.checkpointer.save(step, self.state["params"], self.state["opt_state"], meta, force=force)
+        self.logger.flush()  # metrics up to a checkpoint are as durable as it (on GCS they are rewritten)
 
     def evaluate(self) -> dict:
         """The task's periodic evaluation of the current params."""
@@ -154,6 +155,8 @@ class Trainer:
         tc, task = self.cfg.train, self.task
         self.stop = stop = StopRequested()
         summary = {"start_step": self.start_step}
+        if self.start_step:
+            self.logger.message(f"resumed from step {self.start_step} ({self.checkpointer.directory})")
         if self.start_step == 0 and tc.eval_every > 0:
             summary["initial"] = self.evaluate()
             self.logger.log(0, summary["initial"])
@@ -208,5 +211,6 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        self.task.close()
         self.checkpointer.close()
         self.logger.close()

@@ -5,15 +5,14 @@ token come from model.stats.flops_per_token (6N plus causal attention, remat not
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import jax
 
 from sharding import hardware
+from store.paths import JsonLines, run_path
 
 
 def peak_flops(device=None) -> float | None:
@@ -37,24 +36,23 @@ class MetricsLogger:
     Only process 0 writes; other processes get a logger that does nothing.
     """
 
-    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int = 0, enabled: bool = True):
+    def __init__(self, run_dir, total_steps: int, start_step: int = 0, enabled: bool = True):
         self.enabled = enabled and jax.process_index() == 0
         self.total, self.start, self.t0 = total_steps, start_step, time.time()
         if not self.enabled:
             return
-        run_dir = Path(run_dir)
+        run_dir = run_path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.jsonl = JsonLines(run_dir / "metrics.jsonl")
         from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"))  # a gs:// string is written by tensorboardX
 
     def log(self, step: int, metrics: dict) -> None:
         """Record one row of metrics for `step` to every sink."""
         if not self.enabled:
             return
         clean = {k: (float(v) if v is not None else None) for k, v in metrics.items()}
-        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
-        self.jsonl.flush()
+        self.jsonl.write({"step": step, **clean})
         for k, v in clean.items():
             if v is not None and math.isfinite(v):
                 self.tb.add_scalar(k, v, step)
@@ -74,6 +72,12 @@ class MetricsLogger:
                  f"MFU {'n/a' if mfu is None else f'{100*mfu:.1f}%'}", f"ETA {_fmt_time(eta)}"]
         bar = _bar(step / max(self.total, 1))
         print(f"{bar} " + " | ".join(parts), file=sys.stderr, flush=True)
+
+    def flush(self) -> None:
+        """Make the metrics logged so far durable (GCS: rewrite metrics.jsonl now)."""
+        if self.enabled:
+            self.jsonl.flush()
+            self.tb.flush()
 
     def message(self, text: str) -> None:
         if self.enabled:
