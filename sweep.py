@@ -49,7 +49,9 @@ def resolve_executor(spec, ray_address):
         executor = dataclasses.replace(executor, kind="ray", address=ray_address)
     spec = dataclasses.replace(spec, executor=executor)
     if executor.kind == "ray":
-        spec = dataclasses.replace(spec, sweep_dir=spec.sweep_dir.absolute())
+        from store.paths import is_remote
+        if not is_remote(spec.sweep_dir):
+            spec = dataclasses.replace(spec, sweep_dir=spec.sweep_dir.absolute())
     elif spec.parallel is None:
         spec = dataclasses.replace(spec, parallel=1)
     return spec

@@ -199,7 +199,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     for key in ("train.run_dir", "train.init_from", "train.compiled_step", "data.path", "data.val_path",
-                "data.tokenizer"):
+                "data.tokenizer", "data.cache_dir"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         check_uri(value, key)

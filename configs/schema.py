@@ -92,6 +92,7 @@ class DataConfig:
     workers: int = 0                 # loader processes computing batches ahead; 0 = threads of this one
     prefetch: int = 2                # batches computed ahead
     prepare_workers: int = 0         # processes tokenizing a raw data.path on first use; 0 = one per CPU
+    cache_dir: str = ""              # where a raw data.path is prepared; "" = RUN_DIR/data_cache
     # Classification tasks (task.kind == classify)
     text_column: str = "text"
     label_column: str = "label"

@@ -119,8 +119,8 @@ def full_pass_loader(val: Loader, process_index: int = 0, process_count: int = 1
 
 def prepared_dir(cfg, tokenizer: Tokenizer, run_dir, process_index: int = 0) -> str:
     """The prepared directory of the config's data: data.path when it is one (checked against the
-    tokenizer), else RUN_DIR/data_cache/<key>/, prepared now by process 0 if it is not yet complete
-    (the other processes wait for its manifest)."""
+    tokenizer), else <data.cache_dir or RUN_DIR/data_cache>/<key>/, prepared now by process 0 if it
+    is not yet complete (the other processes wait for its manifest)."""
     d = cfg.data
     if is_prepared(d.path):
         want, have = tokenizer_hash(tokenizer), read_manifest(d.path)["settings"]["tokenizer_sha256"]
@@ -129,7 +129,7 @@ def prepared_dir(cfg, tokenizer: Tokenizer, run_dir, process_index: int = 0) -> 
                             f"(sha256 {have[:12]} vs {want[:12]})")
         return d.path
     key = f"prepared-{tokenizer_hash(tokenizer)[:16]}-{fingerprint(cfg)}"
-    out = epath.Path(run_dir) / "data_cache" / key
+    out = epath.Path(d.cache_dir or epath.Path(run_dir) / "data_cache") / key
     if process_index == 0:
         from data.prepare import prepare  # not at import: `python -m data.prepare` imports this package first
         prepare(d.path, out, tokenizer, d.val_path, d.val_fraction, d.jsonl_field, workers=d.prepare_workers)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -103,7 +105,7 @@ class ShardSet:
         self.row_ends = np.cumsum(rows)                      # [shards] first row id after each shard
         self.num_rows = int(self.row_ends[-1]) if len(rows) else 0
         self.num_tokens = int(self.shard_tokens.sum())
-        self._open = OrderedDict()
+        self._open = threading.local()  # per thread: shard -> open file
 
     def with_stride(self, stride: int) -> ShardSet:
         """The same split cut with another stride."""
@@ -113,7 +115,7 @@ class ShardSet:
         return {k: v for k, v in self.__dict__.items() if k != "_open"}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _open=OrderedDict())
+        self.__dict__.update(state, _open=threading.local())
 
     def _read(self, pieces: list[tuple[int, int, int]]) -> list[bytes]:
         """Bytes [start, start+n) of each (shard, start, n): seek and read on local files (kept
@@ -127,16 +129,18 @@ class ShardSet:
                 import fsspec
                 return fsspec.filesystem("gs").cat_ranges(paths, [s for _, s, _ in pieces],
                                                           [s + n for _, s, n in pieces], on_error="raise")
+            # Each thread has its own files (grain's prefetch threads read concurrently; a thread's
+            # files close when it ends), and pread has no shared file position.
+            cache = self._open.__dict__.setdefault("files", OrderedDict())
             out = []
             for path, (shard, start, n) in zip(paths, pieces):
-                f = self._open.pop(shard, None)
+                f = cache.pop(shard, None)
                 if f is None:
-                    f = open(path, "rb")
-                    if len(self._open) >= _OPEN_FILES:
-                        self._open.popitem(last=False)[1].close()
-                self._open[shard] = f
-                f.seek(start)
-                out.append(f.read(n))
+                    f = open(path, "rb", buffering=0)
+                    if len(cache) >= _OPEN_FILES:
+                        cache.popitem(last=False)[1].close()
+                cache[shard] = f
+                out.append(os.pread(f.fileno(), n, start))
             return out
         except OSError as e:
             raise DataError(f"cannot read prepared shard in {self.directory}: {e}") from None
@@ -165,5 +169,7 @@ class ShardSet:
         return raw, valid, first
 
     def close(self) -> None:
-        while self._open:
-            self._open.popitem()[1].close()
+        """Close this thread's shard files (other threads' close when the threads end)."""
+        cache = self._open.__dict__.get("files", {})
+        while cache:
+            cache.popitem()[1].close()

@@ -25,6 +25,14 @@ def is_remote(path) -> bool:
     return str(path).startswith(REMOTE)
 
 
+def as_path(text):
+    """A path object for a user-given path: pathlib.Path for a local one (kept as given, relative
+    or not), epath.Path for gs://. Both have the pathlib methods the callers use."""
+    from pathlib import Path
+    text = os.fspath(text)
+    return epath.Path(text) if is_remote(text) else Path(text)
+
+
 def run_path(path) -> epath.Path:
     """An epath.Path for a local path (made absolute: orbax wants that) or a gs:// URI."""
     text = os.fspath(path)

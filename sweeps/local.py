@@ -73,9 +73,10 @@ class LocalExecutor:
                 time.sleep(0.5)
         return None
 
-    def launch(self, trial_id: str, cmd: list[str], run_dir: Path, remember) -> LocalTrial:
-        """Start the trial; `remember(fields)` records where it runs in trials.json."""
-        log_file = open(run_dir / "train.log", "a")
+    def launch(self, trial_id: str, cmd: list[str], log_dir: Path, remember) -> LocalTrial:
+        """Start the trial, its output appended to LOG_DIR/train.log; `remember(fields)` records
+        where it runs in trials.json."""
+        log_file = open(log_dir / "train.log", "a")
         log_file.write(f"$ {shlex.join(cmd)}\n")
         log_file.flush()
         env = dict(os.environ, PYTHONUNBUFFERED="1")

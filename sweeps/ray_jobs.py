@@ -112,7 +112,9 @@ class RayExecutor:
     # ------------------------------------------------------------------------------ launching
 
     def launch(self, trial_id: str, cmd: list[str], run_dir: Path, remember) -> RayTrial:
-        """Record the job id in trials.json, then submit: a crash between the two cannot run a trial twice."""
+        """Submit the trial as a job that appends its output to RUN_DIR/train.log (the runner's log
+        dir: a Ray sweep directory is on storage every node mounts). The job id is recorded in
+        trials.json before submitting: a crash between the two cannot run a trial twice."""
         log_path = run_dir / "train.log"
         job = f"{self.prefix}-{trial_id}-{uuid.uuid4().hex[:8]}"
         with open(log_path, "a") as f:

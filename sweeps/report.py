@@ -6,22 +6,22 @@ be rebuilt at any time (`sweep.py SWEEP.yaml --report`), including for a half-fi
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import shutil
 import statistics
-from pathlib import Path
 
+from store.paths import as_path, write_atomic
 from sweeps.spec import SweepSpec, format_value, trial_config
 
 VAL_KEYS = ("val_bpb", "val_loss")
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir) -> list[dict]:
     """The rows of a run's metrics.jsonl (a line cut short by a kill is skipped)."""
     rows = []
     try:
-        with open(Path(run_dir) / "metrics.jsonl") as f:
+        with (as_path(run_dir) / "metrics.jsonl").open() as f:
             for line in f:
                 try:
                     rows.append(json.loads(line))
@@ -32,7 +32,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def trial_summary(run_dir: Path, metric: str) -> dict:
+def trial_summary(run_dir, metric: str) -> dict:
     """The metric (its last value), steps reached, median tokens/s and the loss curves of one run.
 
     A resumed run appends to metrics.jsonl, so rows are keyed by step and the later row wins.
@@ -86,16 +86,17 @@ def _fmt(x, digits: int = 4) -> str:
 def write_tables(spec: SweepSpec, rows: list[dict]) -> None:
     """results.csv (trial order, full precision) and results.md (sorted by the metric)."""
     keys = spec.keys
-    with open(spec.sweep_dir / "results.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["trial", "status", *keys, spec.metric, "steps", "tokens_per_s", "params", "launches",
-                    "returncode", "error", "overrides"])
-        for r in rows:
-            w.writerow([r["trial"], r["status"], *(format_value(r["values"][k]) for k in keys),
-                        "" if r["metric"] is None else r["metric"], r["steps"],
-                        "" if r["tokens_per_s"] is None else round(r["tokens_per_s"], 1), r["params"],
-                        r["launches"], "" if r["returncode"] is None else r["returncode"], r["error"],
-                        r["overrides"]])
+    f = io.StringIO(newline="")  # written whole: the sweep directory may be gs://
+    w = csv.writer(f)
+    w.writerow(["trial", "status", *keys, spec.metric, "steps", "tokens_per_s", "params", "launches",
+                "returncode", "error", "overrides"])
+    for r in rows:
+        w.writerow([r["trial"], r["status"], *(format_value(r["values"][k]) for k in keys),
+                    "" if r["metric"] is None else r["metric"], r["steps"],
+                    "" if r["tokens_per_s"] is None else round(r["tokens_per_s"], 1), r["params"],
+                    r["launches"], "" if r["returncode"] is None else r["returncode"], r["error"],
+                    r["overrides"]])
+    write_atomic(spec.sweep_dir / "results.csv", f.getvalue().encode())
     order = ranked(spec, rows)
     done = sum(r["status"] == "finished" for r in rows)
     lines = [f"# Sweep {spec.name}", "",
@@ -117,7 +118,7 @@ def write_tables(spec: SweepSpec, rows: list[dict]) -> None:
                  str(r["steps"]), tps, f"{r['params']:,}", r["status"],
                  error[:120] + ("..." if len(error) > 120 else "")]
         lines.append("| " + " | ".join(cells) + " |")
-    (spec.sweep_dir / "results.md").write_text("\n".join(lines) + "\n")
+    write_atomic(spec.sweep_dir / "results.md", ("\n".join(lines) + "\n").encode())
 
 
 def _label(values: dict) -> str:
@@ -130,7 +131,13 @@ def _log_scale(xs: list) -> bool:
     return len(nums) == len(xs) and all(x > 0 for x in nums) and max(nums) / min(nums) >= 2.99
 
 
-def write_plots(spec: SweepSpec, rows: list[dict]) -> list[Path]:
+def _save_png(fig, path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_atomic(path, buf.getvalue())
+
+
+def write_plots(spec: SweepSpec, rows: list[dict]) -> list:
     """curves.png (training loss and validation curves of all trials) and metric_vs_<key>.png per axis."""
     import matplotlib
     matplotlib.use("Agg")
@@ -157,7 +164,7 @@ def write_plots(spec: SweepSpec, rows: list[dict]) -> list[Path]:
     fig.suptitle(f"sweep {spec.name}")
     fig.tight_layout()
     out.append(spec.sweep_dir / "curves.png")
-    fig.savefig(out[-1], dpi=110)
+    _save_png(fig, out[-1])
     plt.close(fig)
 
     done = [r for r in rows if r["status"] == "finished" and r["metric"] is not None]
@@ -198,7 +205,7 @@ def write_plots(spec: SweepSpec, rows: list[dict]) -> list[Path]:
             ax.legend(fontsize=7)
         fig.tight_layout()
         out.append(spec.sweep_dir / f"metric_vs_{key}.png")
-        fig.savefig(out[-1], dpi=110)
+        _save_png(fig, out[-1])
         plt.close(fig)
     return out
 
@@ -216,7 +223,9 @@ def write_tensorboard(spec: SweepSpec, rows: list[dict]) -> None:
     """
     from tensorboardX import SummaryWriter
     tb_dir = spec.sweep_dir / "tensorboard"
-    shutil.rmtree(tb_dir, ignore_errors=True)
+    if tb_dir.exists():
+        from etils import epath
+        epath.Path(tb_dir).rmtree()
     writer = SummaryWriter(str(tb_dir))
     for r in rows:
         if r["status"] != "finished" or r["metric"] is None or not math.isfinite(r["metric"]):

@@ -9,16 +9,19 @@ its checkpoint on the next run. One loop, on the main thread, launches, polls an
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections import deque
 from pathlib import Path
 
 from configs.loader import resolve_path
+from store.paths import as_path, is_remote, write_atomic
 from sweeps.executor import Ended
 from sweeps.spec import ROOT, SweepError, SweepSpec, Trial, definition_hash, trial_config
 
@@ -32,8 +35,22 @@ def log(msg: str) -> None:
     print(f"[sweep] {msg}", file=sys.stderr, flush=True)
 
 
-def trial_dir(spec: SweepSpec, trial: Trial) -> Path:
+def trial_dir(spec: SweepSpec, trial: Trial):
     return spec.sweep_dir / trial.id
+
+
+def local_dir(spec: SweepSpec) -> Path:
+    """Where this machine keeps what cannot live in object storage (trial logs while they are
+    written, the lock): the sweep directory itself, or for gs:// a folder in the temp directory."""
+    if not is_remote(spec.sweep_dir):
+        return Path(spec.sweep_dir)
+    key = hashlib.sha256(str(spec.sweep_dir).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"tessera-sweep-{key}"
+
+
+def log_dir(spec: SweepSpec, trial: Trial) -> Path:
+    """The directory of a trial's train.log as it is written (copied to a gs:// run dir at the end)."""
+    return local_dir(spec) / trial.id
 
 
 def trial_command(spec: SweepSpec, trial: Trial, python: str = sys.executable,
@@ -53,7 +70,11 @@ def trial_command(spec: SweepSpec, trial: Trial, python: str = sys.executable,
             pass
     elif (preset := resolve_path(base).resolve()).is_relative_to(ROOT):
         base = str(preset.relative_to(ROOT))
-    return [python, str(script), base, *trial.overrides, *extra, f"train.run_dir={trial_dir(spec, trial)}"]
+    # Automatically prepared data goes to one place for all trials: the corpus is tokenized once
+    # (keyed by tokenizer and data, so trials that change either get their own).
+    cache = () if any(o.startswith("data.cache_dir=") for o in trial.overrides) else \
+        (f"data.cache_dir={spec.sweep_dir / 'data_cache'}",)
+    return [python, str(script), base, *trial.overrides, *extra, *cache, f"train.run_dir={trial_dir(spec, trial)}"]
 
 
 # --------------------------------------------------------------------------------------- state
@@ -89,16 +110,14 @@ class SweepState:
     def save(self) -> None:
         """Atomic rewrite: a kill mid-write leaves the previous file intact."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
         body = {"sweep": str(self.spec.path), "metric": self.spec.metric, "direction": self.spec.direction,
                 "trials": [self.records[t.id] for t in self.spec.trials]}
-        tmp.write_text(json.dumps(body, indent=1))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(body, indent=1).encode())
 
 
-def read_state(sweep_dir: Path) -> dict:
+def read_state(sweep_dir) -> dict:
     """trials.json as a dict (empty when the sweep has not started)."""
-    path = Path(sweep_dir) / STATE_FILE
+    path = as_path(sweep_dir) / STATE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -123,11 +142,11 @@ def error_line(log_path: Path, returncode: int) -> str:
     return (pick or f"exit code {returncode}")[:400]
 
 
-def last_step(run_dir: Path) -> int:
+def last_step(run_dir) -> int:
     """The highest step recorded in a run's metrics.jsonl (-1 without one)."""
     step = -1
     try:
-        with open(run_dir / "metrics.jsonl") as f:
+        with (as_path(run_dir) / "metrics.jsonl").open() as f:
             for line in f:
                 try:
                     step = max(step, int(json.loads(line).get("step", -1)))
@@ -136,20 +155,6 @@ def last_step(run_dir: Path) -> int:
     except OSError:
         pass
     return step
-
-
-def share_token_cache(spec: SweepSpec, run_dir: Path) -> None:
-    """Point the trial's RUN_DIR/data_cache at SWEEP_DIR/data_cache: the corpus is tokenized once.
-
-    The data package keys each prepared directory by tokenizer hash and data fingerprint, and renames
-    every shard and record into place when complete (concurrent writers write the same bytes), so
-    trials can share one cache.
-    """
-    link = run_dir / "data_cache"
-    if link.exists() or link.is_symlink():
-        return  # a trial started before: keep whatever it has
-    (spec.sweep_dir / "data_cache").mkdir(parents=True, exist_ok=True)
-    link.symlink_to(Path("..") / "data_cache")  # relative: the sweep directory can be moved
 
 
 class _Stop:
@@ -169,14 +174,17 @@ class _Stop:
 
 # --------------------------------------------------------------------------------- the run
 
-def _lock(sweep_dir: Path):
-    """One sweep.py per sweep_dir at a time (released by the OS even if this process is killed)."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    fd = open(sweep_dir / ".lock", "w")
+def _lock(spec: SweepSpec):
+    """One sweep.py per sweep_dir at a time (released by the OS even if this process is killed).
+    For a gs:// sweep_dir the lock is a local file: it guards against a second sweep.py on this
+    machine only."""
+    spec.sweep_dir.mkdir(parents=True, exist_ok=True)
+    local_dir(spec).mkdir(parents=True, exist_ok=True)
+    fd = open(local_dir(spec) / ".lock", "w")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise SweepError(f"sweep_dir {sweep_dir} is in use by another sweep.py") from None
+        raise SweepError(f"sweep_dir {spec.sweep_dir} is in use by another sweep.py") from None
     return fd
 
 
@@ -190,7 +198,10 @@ def run_sweep(spec: SweepSpec, executor, retry_failed: bool = False, extra: tupl
     `on_change(state)`: called after each trial ends (the results table is rewritten there);
     `before()`: sweep-level preparation, run once the sweep directory is locked.
     """
-    lock = _lock(spec.sweep_dir)
+    if executor.kind == "ray" and is_remote(spec.sweep_dir):
+        raise SweepError(f"sweep_dir {spec.sweep_dir}: Ray jobs write their logs from the cluster's nodes, so a "
+                         f"Ray sweep needs a directory every node mounts (NFS, or a gcsfuse mount of the bucket)")
+    lock = _lock(spec)
     state = SweepState(spec)
     index = {t.id: i + 1 for i, t in enumerate(spec.trials)}
     n = len(spec.trials)
@@ -256,12 +267,12 @@ def _remember(state: SweepState, rec: dict):
 
 def _launch(spec: SweepSpec, state: SweepState, executor, trial: Trial, extra: tuple[str, ...], label: str):
     """Start one trial; trials.json records it as running before the executor can lose track of it."""
-    rec, run_dir = state[trial.id], trial_dir(spec, trial)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    share_token_cache(spec, run_dir)
+    rec, logs = state[trial.id], log_dir(spec, trial)
+    trial_dir(spec, trial).mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
     cmd = trial_command(spec, trial, python=executor.python, extra=extra, script=executor.script)
     rec.update(status="running", launches=rec["launches"] + 1, started=time.time(), returncode=None, error=None)
-    handle = executor.launch(trial.id, cmd, run_dir, _remember(state, rec))  # it saves the record
+    handle = executor.launch(trial.id, cmd, logs, _remember(state, rec))  # it saves the record
     where = f" as {rec['executor']} job {rec['job']}" if rec.get("job") else ""
     resumed = " (resuming)" if rec["launches"] > 1 else ""
     log(f"{label} {trial.id} started{resumed}{where}: {' '.join(trial.overrides)}")
@@ -272,7 +283,9 @@ def _record_end(spec: SweepSpec, state: SweepState, trial: Trial, ended: Ended, 
                 stopping: bool) -> None:
     """Record how a trial ended: finished, interrupted (resumable) or failed."""
     rec = state[trial.id]
-    run_dir = trial_dir(spec, trial)
+    run_dir, logs = trial_dir(spec, trial), log_dir(spec, trial)
+    if is_remote(run_dir) and (logs / "train.log").is_file():  # the run dir keeps its log, as locally
+        write_atomic(run_dir / "train.log", (logs / "train.log").read_bytes())
     steps = last_step(run_dir)
     rc = ended.returncode
     rec.update(returncode=rc, pid=None, ended=time.time())
@@ -289,7 +302,7 @@ def _record_end(spec: SweepSpec, state: SweepState, trial: Trial, ended: Ended, 
         rec.update(status="interrupted", error=f"stopped at step {max(steps, 0)} of {target}")
         log(f"{label} interrupted at step {max(steps, 0)} of {target}; it resumes on the next run")
     else:
-        error = ended.reason if rc is None else error_line(run_dir / "train.log", rc)
+        error = ended.reason if rc is None else error_line(logs / "train.log", rc)
         rec.update(status="failed", error=error)
         log(f"{label} failed ({'exit code ' + str(rc) if rc is not None else 'lost'}): {rec['error']}")
     state.save()

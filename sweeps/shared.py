@@ -10,12 +10,11 @@ data.tokenizer=... to each trial. It is also what makes trials' val_loss compara
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 from configs import ConfigError, load_config
+from store.paths import as_path, run_path, write_atomic
 from sweeps.spec import ROOT, SweepError, SweepSpec
 
 TOKENIZER_KEYS = ("data.", "task.", "model.vocab_size")
@@ -31,7 +30,7 @@ def applies(spec: SweepSpec) -> bool:
     return not cfg.data.tokenizer and cfg.task.kind == "lm"
 
 
-def tokenizer_path(spec: SweepSpec) -> Path:
+def tokenizer_path(spec: SweepSpec):
     return spec.sweep_dir / "tokenizer" / "tokenizer.model"
 
 
@@ -54,11 +53,15 @@ def prepare(cmd: list[str], spec: SweepSpec) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     log(f"training the shared tokenizer into {path}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    with open(path.parent / "prepare.log", "w") as logf:
+    from sweeps.runner import local_dir
+    local_log = local_dir(spec) / "tokenizer-prepare.log"  # written here, copied beside the tokenizer
+    local_log.parent.mkdir(parents=True, exist_ok=True)
+    with open(local_log, "w") as logf:
         rc = subprocess.run([sys.executable, *cmd[1:]], stdout=logf, stderr=subprocess.STDOUT, env=env,
                             preexec_fn=die_with_parent).returncode
+    write_atomic(path.parent / "prepare.log", local_log.read_bytes())
     if rc != 0 or not path.is_file():
-        why = error_line(path.parent / "prepare.log", rc).removeprefix("error: ")
+        why = error_line(local_log, rc).removeprefix("error: ")
         raise SweepError(f"training the shared tokenizer failed: {why} (log: {path.parent / 'prepare.log'})")
 
 
@@ -68,7 +71,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m sweeps.shared CONFIG [key=value ...] --out PATH", file=sys.stderr)
         return 2
     i = argv.index("--out")
-    out, rest = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
+    out, rest = as_path(argv[i + 1]), argv[:i] + argv[i + 2:]
     try:
         cfg = load_config(rest[0], rest[1:])
         import data
@@ -76,10 +79,8 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:  # DataError included
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if Path(tok.path).resolve() != out.resolve():
-        tmp = out.with_suffix(".tmp")
-        shutil.copyfile(tok.path, tmp)
-        os.replace(tmp, out)  # atomic: a half-written tokenizer never looks finished
+    if run_path(tok.path) != run_path(out):
+        write_atomic(out, run_path(tok.path).read_bytes())  # a half-written tokenizer never looks finished
     print(out)
     return 0
 

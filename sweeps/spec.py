@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from store.paths import as_path
 from configs import Config, ConfigError, load_config
 from configs.loader import CONFIG_DIR, resolve_path
 
@@ -336,7 +337,7 @@ def load_sweep(path: str | Path, sweep_dir: str | None = None) -> SweepSpec:
         except ConfigError as e:
             raise _blame(e, trial, fixed, axes) from None
     return SweepSpec(path, base, fixed, tuple(axes), trials_per_point, seed, metric, direction, parallel,
-                     Path(out_dir), share, trials, executor)
+                     as_path(out_dir), share, trials, executor)
 
 
 def trial_config(spec: SweepSpec, trial: Trial) -> Config:

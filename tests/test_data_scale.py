@@ -94,9 +94,9 @@ def test_grain_worker_processes_stream_the_same_batches(tmp_path):
     docs = [[list(rng.integers(4, 500, rng.integers(1, 300))) for _ in range(40)] for _ in range(3)]
     shards = data.ShardSet(write_streams(tmp_path, {"train": [pack_documents(d, 1, 2) for d in docs]}), "train", 64)
     ld = data.Loader(shards, global_batch=8, shuffle=True, seed=3, process_index=1, process_count=2)
-    for workers in (0, 2):
-        stream = ld.stream(5, workers=workers, prefetch=2)
-        for step in range(5, 12):
+    for workers in (0, 2):  # 0: prefetch threads of this process, reading the same shards at once
+        stream = ld.stream(5, workers=workers, prefetch=8)
+        for step in range(5, 30):
             got, want = next(stream), ld.batch(step)
             assert all(np.array_equal(got[k], want[k]) for k in want), (workers, step)
         stream.close()

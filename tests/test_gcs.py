@@ -99,3 +99,33 @@ def test_unsupported_scheme_is_a_one_line_error(key, tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == \
         f"error: {key}=s3://bucket/x: the s3:// scheme is not supported (local paths and gs:// are)"
+
+
+def test_sweep_directory_on_gcs(gcs, corpus, tmp_path):
+    """A 2-trial sweep whose sweep_dir is gs://: trials.json, every trial's run directory and
+    train.log, the shared tokenizer and prepared corpus, the tables and plots all land in the bucket;
+    a rerun finds the trials finished."""
+    root, _ = corpus
+    overrides = {"data.path": str(root), "model.vocab_size": 384, "model.d_model": 32, "model.n_layers": 1,
+                 "model.n_heads": 2, "model.n_kv_heads": 1, "model.mlp_dim": 64, "data.seq_len": 32,
+                 "train.batch_size": 4, "train.steps": 3, "train.eval_every": 3, "train.eval_batches": 1,
+                 "train.log_every": 1, "checkpoint.every": 3, "train.final_eval": "false",
+                 "data.val_fraction": 0.2}
+    lines = ["base: tiny", "overrides:"] + [f"  {k}: {v}" for k, v in overrides.items()]
+    lines += ["axes:", "  train.lr: {grid: [1.0e-3, 3.0e-3]}", "metric: {name: val_bpb, direction: min}",
+              "parallel: 2", "sweep_dir: gs://bucket/sweep"]
+    (tmp_path / "s.yaml").write_text("\n".join(lines) + "\n")
+    cmd = [sys.executable, "sweep.py", str(tmp_path / "s.yaml")]
+    out = subprocess.run(cmd, cwd=ROOT, env=run_env(gcs), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = set(gcs.list("bucket", "sweep/"))
+    for name in ("trials.json", "results.csv", "results.md", "curves.png", "tokenizer/tokenizer.model",
+                 "t000/train.log", "t001/train.log", "t000/metrics.jsonl", "t001/config.yaml"):
+        assert f"sweep/{name}" in names, name
+    trials = json.loads(gcs.read("bucket", "sweep/trials.json"))["trials"]
+    assert [t["status"] for t in trials] == ["finished", "finished"]
+    assert "step 3" in gcs.read("bucket", "sweep/t001/train.log").decode()
+    prepared = {n.split("/")[2] for n in names if n.startswith("sweep/data_cache/prepared-")}
+    assert len(prepared) == 1  # the corpus was prepared once, for both trials
+    again = subprocess.run(cmd, cwd=ROOT, env=run_env(gcs), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "2 of 2 trials already done" in again.stderr

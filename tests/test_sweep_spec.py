@@ -125,7 +125,7 @@ share_tokenizer: false
     argv = shlex.split(lines[3])
     assert argv[:3] == ["python", "train.py", "tiny"]
     assert argv[3:] == ["train.steps=7", "data.path=", "train.lr=0.002", "model.n_layers=2",
-                        f"train.run_dir={tmp_path}/out/t003"]
+                        f"data.cache_dir={tmp_path}/out/data_cache", f"train.run_dir={tmp_path}/out/t003"]
     assert not (tmp_path / "out").exists()
 
 
