@@ -99,22 +99,27 @@ def _dir_files(root: Path, suffix: str = "") -> list[str]:
 @dataclass(frozen=True)
 class Unit:
     """A piece of a corpus that is read (and prepared) as one: a group of whole files, one
-    document each (`files`), a text file split per line (`lines`), or a JSONL file (`jsonl`)."""
+    document each (`files`), a text file split per line (`lines`), or a file of records, one
+    document each (`jsonl`, `parquet`)."""
     kind: str
     root: str                      # the directory of a `files` unit, else the file itself
     names: tuple[str, ...] = ()    # '/'-separated paths under root (`files` units)
     split: str | None = None       # every document in this split (data.val_path set), else by key
     size: int = 0                  # input bytes, for progress reports
+    key_prefix: str = ""           # records' split keys are prefix + index ("rel/path:" in a directory)
 
 
 UNIT_BYTES = (1 << 20, 256 << 20)  # a files unit holds about 1/64 of the corpus, within these bounds
+RECORD_SUFFIXES = (".jsonl", ".parquet")
 
 
 def corpus_units(path: str, field: str = "data.path", split: str | None = None) -> list[Unit]:
-    """The units of a stdlib (""), directory, text or JSONL corpus, in corpus order.
+    """The units of a stdlib (""), directory, text, JSONL or Parquet corpus, in corpus order.
 
-    Files are grouped into units of about 1/64 of the corpus (1 MB to 256 MB): the grouping depends
-    on the corpus only, so prepared shards are the same whatever the worker count.
+    In a directory, each .jsonl and .parquet file is a unit of records (the usual layout of a large
+    corpus: many record files); the other files are documents, grouped into units of about 1/64 of
+    the corpus (1 MB to 256 MB). The units depend on the corpus only, so prepared shards are the
+    same whatever the worker count.
     """
     if path == "":
         root, names = stdlib_root(), stdlib_files()
@@ -126,13 +131,20 @@ def corpus_units(path: str, field: str = "data.path", split: str | None = None) 
         if not p.exists():
             raise DataError(f"data path not found: {path} ({field})")
         if not p.is_dir():
-            kind = "jsonl" if p.suffix == ".jsonl" else "lines"
+            kind = p.suffix[1:] if p.suffix in RECORD_SUFFIXES else "lines"
             return [Unit(kind, str(p), split=split, size=p.stat().st_size)]
         root, names = p, _dir_files(p)
     sizes = [(root / n).stat().st_size for n in names]
     target = min(max(sum(sizes) // 64, UNIT_BYTES[0]), UNIT_BYTES[1])
     units, group, used = [], [], 0
     for name, size in zip(names, sizes):
+        suffix = "." + name.rsplit(".", 1)[-1]
+        if suffix in RECORD_SUFFIXES:  # in corpus order: the files before it form their own unit
+            if group:
+                units.append(Unit("files", str(root), tuple(group), split, used))
+                group, used = [], 0
+            units.append(Unit(suffix[1:], str(root / name), split=split, size=size, key_prefix=f"{name}:"))
+            continue
         group.append(name)
         used += size
         if used >= target:
@@ -154,10 +166,11 @@ def unit_documents(unit: Unit, val_fraction: float, jsonl_field: str) -> Iterato
             text = _read_text(root / name)
             if text:
                 yield split_of(name), text
-    elif unit.kind == "jsonl":
-        for i, text in enumerate(_jsonl_records(Path(unit.root), jsonl_field)):
+    elif unit.kind in ("jsonl", "parquet"):
+        read = _jsonl_records if unit.kind == "jsonl" else _parquet_records
+        for i, text in enumerate(read(Path(unit.root), jsonl_field)):
             if text:
-                yield split_of(str(i)), text
+                yield split_of(f"{unit.key_prefix}{i}"), text
     else:
         yield from _line_runs(Path(unit.root), split_of)
 
@@ -188,6 +201,24 @@ def _jsonl_records(path: Path, field: str) -> Iterator[str]:
         if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
             raise DataError(f"{path} line {i} has no string field '{field}' (data.jsonl_field)")
         yield rec[field]
+
+
+def _parquet_records(path: Path, field: str) -> Iterator[str]:
+    """The `field` strings of a Parquet file, read a row group at a time (nulls skipped)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install '.[parquet]'") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's errors have several types; its message names the problem
+        raise DataError(f"{path} is not a readable Parquet file: {str(e).splitlines()[0][:200]}") from None
+    if field not in pf.schema_arrow.names:
+        raise DataError(f"{path} has no column '{field}' (data.jsonl_field); it has {', '.join(pf.schema_arrow.names)}")
+    for batch in pf.iter_batches(columns=[field], batch_size=4096):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str):
+                yield text
 
 
 def _line_runs(path: Path, split_of) -> Iterator[tuple[str, str]]:

@@ -3,8 +3,9 @@
     python -m data.prepare SRC OUT (--tokenizer FILE | --vocab-size N) [--workers N]
                            [--val-path P] [--val-fraction F] [--jsonl-field F]
 
-SRC is a text file, a directory of text files, a .jsonl file, or "stdlib" (the Python standard
-library's source); OUT a local directory or gs://bucket/path. The corpus is cut into units (data/
+SRC is a text file, a .jsonl or .parquet file, a directory (its .jsonl/.parquet files are
+records, other files whole documents), or "stdlib" (the Python standard library's source); OUT a
+local directory or gs://bucket/path. The corpus is cut into units (data/
 corpus.py), worker processes tokenize them in parallel, and each unit becomes one shard per split
 (data/shards.py), renamed into place when complete with a record in OUT/units/. Killed half-way,
 the same command finishes the missing units only. OUT/manifest.json is written last.
@@ -219,14 +220,14 @@ def _tokenizer(args):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help='text file, directory, .jsonl, or "stdlib"')
+    p.add_argument("source", help='text file, directory, .jsonl, .parquet, or "stdlib"')
     p.add_argument("out", help="output directory (local or gs://)")
     p.add_argument("--tokenizer", default="", help="sentencepiece .model file")
     p.add_argument("--vocab-size", type=int, default=0, help="train a tokenizer of this size instead")
     p.add_argument("--sample-bytes", type=int, default=20_000_000, help="text to train it on")
     p.add_argument("--val-path", default="", help="separate validation data")
     p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--jsonl-field", default="text")
+    p.add_argument("--jsonl-field", default="text", help="the text field of JSONL records / Parquet column")
     p.add_argument("--workers", type=int, default=0, help="tokenizing processes (default: one per CPU)")
     args = p.parse_args(argv)
     args.source = "" if args.source == "stdlib" else args.source

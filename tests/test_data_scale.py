@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import data
+import data.corpus
 from data.corpus import stdlib_files
 from data.prepare import prepare
 from data.shards import pack_documents, read_manifest, write_streams
@@ -219,3 +220,35 @@ def test_training_memory_does_not_grow_with_the_corpus(tmp_path, tok):
     print(f"corpus {corpus_bytes / 1e6:.0f} MB of tokens; peak RSS {base_rss / 1e6:.0f} MB on the small corpus, "
           f"{big_rss / 1e6:.0f} MB on the big one; cgroup cap: {'yes' if cgroup else 'no'}")
     assert big_rss < base_rss + allowance, (base_rss, big_rss, corpus_bytes)
+
+
+def test_a_directory_of_record_files_is_one_unit_per_file(tmp_path, tok):
+    """JSONL and Parquet files in a directory are records (one document each, split by file and
+    index), prepared in parallel; the other files stay whole documents."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    src = tmp_path / "src"
+    (src / "web").mkdir(parents=True)
+    texts = [f"record {i}: " + "def f(x):\n    return x\n" * (i % 7 + 1) for i in range(300)]
+    (src / "web" / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:100]))
+    (src / "web" / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[100:200]))
+    pq.write_table(pa.table({"text": texts[200:] + [None], "id": list(range(101))}), src / "web" / "c.parquet",
+                   row_group_size=16)
+    (src / "readme.txt").write_text("a whole document\n")
+    units = data.corpus.corpus_units(str(src))
+    assert [(u.kind, Path(u.root).name) for u in units] == \
+        [("files", "src"), ("jsonl", "a.jsonl"), ("jsonl", "b.jsonl"), ("parquet", "c.parquet")]
+    docs = {s: [] for s in ("train", "val")}
+    for u in units:
+        for split, text in data.corpus.unit_documents(u, 0.2, "text"):
+            docs[split].append(text)
+    assert sorted(docs["train"] + docs["val"]) == sorted(texts + ["a whole document\n"])
+    assert 30 < len(docs["val"]) < 100
+    proc = prepare_cli(src, tmp_path / "out", tok, "--val-fraction", "0.2", "--workers", "2")
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err
+    m = read_manifest(tmp_path / "out")
+    assert (m["splits"]["train"]["documents"], m["splits"]["val"]["documents"]) == \
+        (len(docs["train"]), len(docs["val"]))
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(data.DataError, match=r"bad.parquet has no column 'text' \(data.jsonl_field\); it has body"):
+        list(data.corpus.unit_documents(data.corpus.corpus_units(str(tmp_path / "bad.parquet"))[0], 0.2, "text"))

@@ -179,10 +179,12 @@ def test_two_processes_reproduce_single_process(corpus, tmp_path):
     single = train(small(corpus, tmp_path / "single", *common), devices=2)
     assert single.returncode == 0, single.stderr
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "train.py", *small(corpus, tmp_path / "multi", *common),
-                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              cwd=ROOT, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    # Process 0 gets flags, process 1 the same settings as TESSERA_* environment variables.
+    flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0"]
+    variables = {"TESSERA_COORDINATOR": f"127.0.0.1:{port}", "TESSERA_NUM_PROCESSES": "2", "TESSERA_PROCESS_ID": "1"}
+    procs = [subprocess.Popen([sys.executable, "train.py", *small(corpus, tmp_path / "multi", *common), *extra],
+                              cwd=ROOT, env={**env(1), **e}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for extra, e in ((flags, {}), ([], variables))]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     a, b = losses(tmp_path / "single"), losses(tmp_path / "multi")
