@@ -2,10 +2,12 @@
 
   python bench/data_pipeline.py [--source stdlib] [--presets tiny 125m] [--workers 0 2] [--steps 3]
 
-Prepares SOURCE (data.prepare, timed: MB/s of text) into a scratch directory, then for each preset
-measures, in one run: the loader's tokens/s (grain stream, with each worker count) and the train
-step's tokens/s on this machine (Tessera's jitted step, median of --steps after compile). Prints
-pipeline / train ratios: above 1 the loader keeps up with one host's accelerators.
+Prepares SOURCE (data.prepare, timed: MB/s of text) into a scratch directory; compares random row
+reads from the flat shards with the same rows stored as ArrayRecord records (read through grain's
+ArrayRecordDataSource, the ecosystem's format); then for each preset measures, in one run, the
+loader's tokens/s (grain stream, with each worker count) and the train step's tokens/s on this
+machine (Tessera's jitted step, median of --steps after compile). Prints pipeline / train ratios:
+above 1 the loader keeps up with one host's accelerators.
 """
 from __future__ import annotations
 
@@ -34,6 +36,38 @@ def loader_tokens_per_second(loader, workers: int, seconds: float = 5.0) -> floa
     if hasattr(stream, "close"):
         stream.close()
     return rate
+
+
+def random_read_rates(directory, seq_len: int, batch: int, seconds: float = 5.0) -> tuple[float, float, float]:
+    """Rows read at random, tokens/s: from the shards (ShardSet.windows) and from the same rows
+    written as ArrayRecord records (grain's ArrayRecordDataSource), plus ArrayRecord's file size
+    relative to the shards'. The two formats compared on the reads training does."""
+    import numpy as np
+    from array_record.python.array_record_module import ArrayRecordWriter
+    from grain.sources import ArrayRecordDataSource
+    from data.shards import ShardSet
+    shards = ShardSet(directory, "train", seq_len)
+    path = str(Path(directory) / "rows.array_record")
+    writer = ArrayRecordWriter(path, "group_size:1")
+    for start in range(0, shards.num_rows, 1024):
+        raw, valid, _ = shards.windows(np.arange(start, min(start + 1024, shards.num_rows)))
+        for row, ok in zip(raw, valid):
+            writer.write(row[ok].tobytes())
+    writer.close()
+    source = ArrayRecordDataSource([path])
+    rng = np.random.default_rng(0)
+    rates = []
+    def read_array_record(ids):  # the batched read (__getitems__), ArrayRecord's fast path
+        return [np.frombuffer(r, "<i4") for r in source.__getitems__([int(i) for i in ids])]
+
+    for read in (shards.windows, read_array_record):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            read(rng.integers(0, shards.num_rows, batch))
+            n += batch * seq_len
+        rates.append(n / (time.perf_counter() - t0))
+    size = os.path.getsize(path) / sum(os.path.getsize(Path(directory) / f) for f in shards.files)
+    return rates[0], rates[1], size
 
 
 def train_tokens_per_second(cfg, steps: int) -> float:
@@ -80,6 +114,10 @@ def run(args) -> None:
     tokens = sum(s["tokens"] for s in manifest["splits"].values())
     print(f"prepare: {text / 1e6:.1f} MB of text -> {tokens / 1e6:.2f} M tokens in {seconds:.1f}s "
           f"({text / 1e6 / seconds:.1f} MB/s, {tokens / seconds / 1e6:.2f} M tokens/s, {os.cpu_count()} CPUs)")
+    flat, array_record, size = random_read_rates(scratch / "prepared", 256, 16)
+    print(f"random rows (T = 256, 16 a read): flat shards {flat:,.0f} tokens/s, the same rows as ArrayRecord "
+          f"records {array_record:,.0f} tokens/s ({flat / array_record:.2f}x); ArrayRecord file size "
+          f"{size:.2f}x the shards'")
     print(f"\n| preset | batch x T | train step tokens/s | " +
           " | ".join(f"loader tokens/s ({w} workers) | ratio" for w in args.workers) + " |")
     print("|---|---|---|" + "---|---|" * len(args.workers))

@@ -16,8 +16,8 @@ worker processes (data.workers). The stream's position is the training step, whi
 already hold, so a resumed run (one process or several) reads exactly the batches it would have.
 
 The rows come from a prepared directory (data/prepare.py): data.path itself when it is one, else
-RUN_DIR/data_cache/<key>/, prepared on first use and keyed by the tokenizer file's hash, the data
-paths and split settings, and the files' sizes and mtimes.
+<data.cache_dir or RUN_DIR/data_cache>/<key>/, prepared on first use and keyed by the tokenizer
+file's hash, the data paths and split settings, and the files' sizes and mtimes.
 """
 from __future__ import annotations
 
