@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import DataError
+from store.paths import is_remote
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "encoded_modules"}
 _FIXTURE_DIR = re.compile(r".*data\d*$")
@@ -123,7 +124,7 @@ def corpus_units(path: str, field: str = "data.path", split: str | None = None) 
     """
     if path == "":
         root, names = stdlib_root(), stdlib_files()
-    elif path.startswith("gs://"):
+    elif is_remote(path):
         raise DataError(f"{path} ({field}) is not a prepared directory (no manifest.json): text on gs:// is "
                         f"read by `python -m data.prepare` first")
     else:

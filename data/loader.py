@@ -53,8 +53,7 @@ class Loader:
         if shuffle and shards.stride != shards.seq_len:
             raise ValueError("overlapping rows (stride < seq_len) are for in-order evaluation only")
         self.shards, self.seq_len, self.stride = shards, shards.seq_len, shards.stride
-        self.global_batch, self.shuffle, self.seed, self.pad_id = global_batch, shuffle, seed, pad_id
-        self.process_index, self.process_count = process_index, process_count
+        self.global_batch, self.shuffle, self.pad_id = global_batch, shuffle, pad_id
         self.local_batch = global_batch // process_count
         self.first = process_index * self.local_batch
         self.num_rows, self.num_tokens = shards.num_rows, shards.num_tokens
@@ -149,9 +148,11 @@ def wait_for_manifest(directory, poll_seconds: float = 2.0) -> None:
 
 
 def make_loader(cfg, tokenizer: Tokenizer, run_dir: str | os.PathLike, split: str = "train",
-                process_index: int = 0, process_count: int = 1) -> Loader:
-    """A Loader over `split` ('train': shuffled, repeating; 'val': fixed order) of the config's data."""
-    shards = ShardSet(prepared_dir(cfg, tokenizer, run_dir, process_index), split, cfg.data.seq_len)
+                process_index: int = 0, process_count: int = 1, prepared: str | None = None) -> Loader:
+    """A Loader over `split` ('train': shuffled, repeating; 'val': fixed order) of the config's data;
+    `prepared`: its prepared directory when the caller has resolved it already (prepared_dir)."""
+    prepared = prepared or prepared_dir(cfg, tokenizer, run_dir, process_index)
+    shards = ShardSet(prepared, split, cfg.data.seq_len)
     if shards.num_rows == 0:
         d = cfg.data
         path, name = (d.val_path, "data.val_path") if d.val_path and split == "val" else (d.path, "data.path")

@@ -26,14 +26,16 @@ def utf8_bytes(texts: list[str]) -> int:
     return sum(len(t.encode("utf-8")) for t in texts)
 
 
-def xz_bits_per_byte(texts: list[str]) -> float:
+def xz_bits_per_byte(texts) -> float:
     """Bits per byte of xz (lzma preset 9 | EXTREME) on the texts concatenated as one stream,
-    over utf8_bytes(texts) bytes.
+    over utf8_bytes(texts) bytes. `texts` may be any iterable: it is compressed as it streams.
 
     Concatenated is the fair comparison with a language model, which also learns across documents.
     """
-    raw = "".join(texts).encode("utf-8")
-    if not raw:
-        return float("nan")
-    packed = lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
-    return 8 * len(packed) / len(raw)
+    xz, n_in, n_out = lzma.LZMACompressor(preset=9 | lzma.PRESET_EXTREME), 0, 0
+    for text in texts:
+        raw = text.encode("utf-8")
+        n_in += len(raw)
+        n_out += len(xz.compress(raw))
+    n_out += len(xz.flush())
+    return 8 * n_out / n_in if n_in else float("nan")

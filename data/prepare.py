@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import lzma
 import multiprocessing
 import os
 import sys
@@ -30,6 +29,7 @@ from configs import ConfigError
 from configs.loader import check_uri
 from data.corpus import Unit, corpus_units, split_units, unit_documents
 from data.errors import DataError
+from data.metrics import xz_bits_per_byte
 from data.shards import FORMAT_VERSION, MANIFEST, pack_documents, read_manifest, tokenizer_hash
 from store.paths import open_atomic, write_atomic
 
@@ -176,21 +176,10 @@ def _manifest(records: dict, units: list[Unit], setup: dict, val_fraction: float
     val = splits["val"]
     val["xz_bpb"] = None
     if 0 < val["bytes"] <= XZ_MAX_BYTES:
-        val["xz_bpb"] = _xz_bits_per_byte(units, val_fraction, jsonl_field)
+        val["xz_bpb"] = xz_bits_per_byte(text for unit in units  # streamed, in corpus order
+                                         for split, text in unit_documents(unit, val_fraction, jsonl_field)
+                                         if split == "val")
     return {"settings": setup, "splits": splits}
-
-
-def _xz_bits_per_byte(units: list[Unit], val_fraction: float, jsonl_field: str) -> float:
-    """xz -9e on the validation documents concatenated in corpus order (streamed)."""
-    xz, n_in, n_out = lzma.LZMACompressor(preset=9 | lzma.PRESET_EXTREME), 0, 0
-    for unit in units:
-        for split, text in unit_documents(unit, val_fraction, jsonl_field):
-            if split == "val":
-                raw = text.encode("utf-8")
-                n_in += len(raw)
-                n_out += len(xz.compress(raw))
-    n_out += len(xz.flush())
-    return 8 * n_out / n_in if n_in else float("nan")
 
 
 def _tokenizer(args):
@@ -214,8 +203,7 @@ def _tokenizer(args):
         if used >= args.sample_bytes:
             break
     out.mkdir(parents=True, exist_ok=True)
-    local = epath.Path(args.out) / "tokenizer.model"
-    return train_tokenizer(docs, args.vocab_size, local, args.sample_bytes)
+    return train_tokenizer(docs, args.vocab_size, out / "tokenizer.model", args.sample_bytes)
 
 
 def main(argv=None) -> int:

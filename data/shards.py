@@ -27,6 +27,7 @@ from etils import epath
 
 from data.errors import DataError
 from data.packing import num_rows
+from store.paths import is_remote
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
@@ -125,7 +126,7 @@ class ShardSet:
         if not paths:
             return []
         try:
-            if self.directory.startswith("gs://"):
+            if is_remote(self.directory):
                 import fsspec
                 return fsspec.filesystem("gs").cat_ranges(paths, [s for _, s, _ in pieces],
                                                           [s + n for _, s, n in pieces], on_error="raise")

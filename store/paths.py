@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import time
+from pathlib import Path
 
 from etils import epath
 
@@ -28,7 +29,6 @@ def is_remote(path) -> bool:
 def as_path(text):
     """A path object for a user-given path: pathlib.Path for a local one (kept as given, relative
     or not), epath.Path for gs://. Both have the pathlib methods the callers use."""
-    from pathlib import Path
     text = os.fspath(text)
     return epath.Path(text) if is_remote(text) else Path(text)
 

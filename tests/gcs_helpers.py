@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import time
 import urllib.parse
@@ -76,7 +77,7 @@ def tensorboard_scalars(raw: bytes, tag: str) -> dict[int, float]:
     from tensorboardX.proto.event_pb2 import Event
     out, i = {}, 0
     while i + 12 <= len(raw):
-        (length,) = __import__("struct").unpack("<Q", raw[i:i + 8])
+        (length,) = struct.unpack("<Q", raw[i:i + 8])
         event = Event.FromString(raw[i + 12:i + 12 + length])
         i += 12 + length + 4
         for v in event.summary.value:

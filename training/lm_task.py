@@ -61,8 +61,9 @@ class LMTask:
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} tokens but "
                               f"model.vocab_size is {cfg.model.vocab_size}")
-        self.train_data = data.make_loader(cfg, self.tokenizer, str(self.run_dir), "train", pi, pc)
-        self.val_data = data.make_loader(cfg, self.tokenizer, str(self.run_dir), "val", pi, pc)
+        prepared = data.prepared_dir(cfg, self.tokenizer, self.run_dir, pi)  # once: it hashes and stats the corpus
+        self.train_data = data.make_loader(cfg, self.tokenizer, self.run_dir, "train", pi, pc, prepared)
+        self.val_data = data.make_loader(cfg, self.tokenizer, self.run_dir, "val", pi, pc, prepared)
         self._stream, self._next_step = None, 0
         self.token_bytes = jnp.asarray(data.token_bytes(self.tokenizer), jnp.float32)
         self.loss = lm_loss(cfg.train.z_loss)
@@ -115,7 +116,7 @@ class LMTask:
 
     def _stop_stream(self) -> None:
         stream, self._stream = getattr(self, "_stream", None), None
-        if stream is not None and hasattr(stream, "close"):
+        if stream is not None:
             stream.close()
 
     def close(self) -> None:
