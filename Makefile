@@ -17,10 +17,10 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q .
 	touch $@
 
-# Test and interop extras. torch (CPU build) is a test-time reference only.
+# Test extras (transformers and torch, a CPU build, are test-time references only) and TPU ones.
 $(VENV)/.test: $(VENV)/.core
 	$(if $(TORCH),$(BIN)/pip install -q $(TORCH))
-	$(BIN)/pip install -q ".[test,hf,tpu]"
+	$(BIN)/pip install -q ".[test,tpu]"
 	touch $@
 
 demo: $(VENV)/.core

@@ -20,8 +20,11 @@ import logging
 import os
 import sys
 
+from configs.cli import parse_cli
+
 
 def parse_args(argv):
+    """Flags and key=value overrides, in any order."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML preset path or name")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -36,7 +39,7 @@ def parse_args(argv):
     p.add_argument("--save", default=None, metavar="DIR", help="write the compiled train step to DIR")
     p.add_argument("--no-estimate", action="store_true",
                    help="skip the 1- and 2-layer-group compiles that correct the step-time estimate under scan")
-    return p.parse_intermixed_args(argv)
+    return parse_cli(p, argv)
 
 
 def int_list(text: str, what: str) -> list[int]:

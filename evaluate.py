@@ -1,15 +1,17 @@
 """Evaluate a checkpoint.
 
-  python evaluate.py classify CKPT FILE.csv [--out DIR] [--text-column C] [--label-column C]
+  python evaluate.py classify CKPT FILE.csv [--out DIR] [--text-column C] [--label-column C] [key=value ...]
       metrics.json (accuracy, per-class precision/recall/F1, macro and weighted F1, confusion
       matrix, ROC-AUC), predictions.csv, confusion_matrix.png and roc_curves.png in DIR
-  python evaluate.py lm CKPT PATH [--out DIR] [--seq-len T] [--max-tokens N]
+  python evaluate.py lm CKPT PATH [--out DIR] [--seq-len T] [--max-tokens N] [key=value ...]
       perplexity and bits per byte of a language model on a text file or a directory of files
-  python evaluate.py choice CKPT FILE.jsonl [--out DIR]
+  python evaluate.py choice CKPT FILE.jsonl [--out DIR] [key=value ...]
       multiple-choice accuracy: each choice scored by its log-likelihood after the context
 
 CKPT is a Tessera run directory (a classification run for `classify`) or, for `lm` and `choice`,
-a Hugging Face model directory. Bad input is a one-line error and exit code 2.
+a Hugging Face model directory. key=value are config overrides applied to the checkpoint's config
+(e.g. model.attention_impl=xla), in any order with the flags. Bad input is a one-line error and
+exit code 2.
 """
 from __future__ import annotations
 
@@ -19,8 +21,11 @@ import logging
 import sys
 from pathlib import Path
 
+from configs.cli import parse_cli
+
 
 def parse_args(argv):
+    """The command line: a subcommand, its arguments and flags, key=value overrides in any order."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("classify", help="classification metrics of a fine-tuned run on a CSV")
@@ -37,9 +42,10 @@ def parse_args(argv):
     ch.add_argument("checkpoint")
     ch.add_argument("data", help="JSONL rows: {context, choices, answer}")
     for s in (c, lm, ch):
+        s.add_argument("overrides", nargs="*", help="config overrides, key=value")
         s.add_argument("--out", default=None, help="output directory (default: CKPT/eval/<data name>)")
         s.add_argument("--batch-size", type=int, default=0, help="rows per forward pass (default: train.batch_size)")
-    return p.parse_args(argv)
+    return parse_cli(p, argv)
 
 
 def out_dir(args) -> Path:
@@ -71,7 +77,7 @@ def run(args) -> dict:
     if args.command == "classify":
         from tasks.classify.evaluate import evaluate_csv
         metrics = evaluate_csv(args.checkpoint, args.data, out, mesh, args.text_column, args.label_column,
-                               batch_size=args.batch_size or None)
+                               batch_size=args.batch_size or None, overrides=args.overrides)
         if metrics is None:
             print(f"no label column: wrote predictions to {out / 'predictions.csv'}")
             return {}
@@ -82,7 +88,7 @@ def run(args) -> dict:
               + ("n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.4f}") + f" -> {out}")
         return metrics
     from tasks import lm_eval
-    model = lm_eval.load_lm(args.checkpoint, mesh)
+    model = lm_eval.load_lm(args.checkpoint, mesh, args.overrides)
     if args.command == "lm":
         metrics = lm_eval.perplexity(model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                                      max_tokens=args.max_tokens)

@@ -14,8 +14,11 @@ import argparse
 import logging
 import sys
 
+from configs.cli import parse_cli
+
 
 def parse_args(argv):
+    """Flags and key=value overrides, in any order."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML preset path or name")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -25,7 +28,7 @@ def parse_args(argv):
     p.add_argument("--coordinator", default=None, help="jax.distributed coordinator HOST:PORT")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
-    return p.parse_intermixed_args(argv)
+    return parse_cli(p, argv)
 
 
 SAMPLE_PROMPTS = ["def ", "import os\n", "class ", "    for i in range(", "# "]
@@ -35,7 +38,7 @@ def print_samples(trainer, n: int) -> None:
     """Greedy continuations of a few code prompts from the trained model."""
     from training.sample import greedy_generate
     tok = trainer.tokenizer
-    prompts = [[tok.bos_id] + tok.encode(p) for p in SAMPLE_PROMPTS[:n]]
+    prompts = [tok.encode(p, add_bos=tok.add_bos) for p in SAMPLE_PROMPTS[:n]]  # BOS as the tokenizer says
     outs = greedy_generate(trainer.graphdef, trainer.state["params"], prompts, 64, eos_id=tok.eos_id)
     for prompt, out in zip(SAMPLE_PROMPTS, outs):
         print(f"--- sample (prompt {prompt!r}) ---")

@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from configs import load_config  # noqa: E402
+from configs import load_config, parse_cli  # noqa: E402
 from model.quant import quantize_params, tree_nbytes  # noqa: E402
 from serving.engine import Engine, Request  # noqa: E402
 from serving.load import serving_config, serving_mesh  # noqa: E402
@@ -147,7 +147,7 @@ def main():
                     help="keep the embedding (and a tied output head) in float: XLA's CPU int8 dot is "
                          "slow for one token against a [D,V] matrix")
     ap.add_argument("--torch-threads", type=int, default=0, help="0: the faster of 1 and all cores")
-    args = ap.parse_args()
+    args = parse_cli(ap)
     import torch
     batches = [int(b) for b in args.batches.split(",")]
     ctx = args.prompt_len + args.new_tokens

@@ -38,7 +38,8 @@ class Tokenizer:
 
     Attributes: sp (SentencePieceProcessor), path, vocab_size, bos_id, eos_id (-1 when the model
     defines none), pad_id (pad falls back to 0 for foreign models without one: padded positions
-    are masked out anyway).
+    are masked out anyway), add_bos (whether a prompt starts with BOS: whenever there is one, as
+    Tessera trains every document as bos + text + eos).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -51,6 +52,7 @@ class Tokenizer:
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = max(self.sp.pad_id(), 0)
+        self.add_bos = self.bos_id >= 0
 
     def __reduce__(self):  # pickled by path for data.prepare's worker processes
         return type(self), (self.path,)

@@ -112,6 +112,6 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, mesh=None, dtype: str | 
         if tokenizer is not None and not (run_dir / "tokenizer_config.json").is_file():
             # A Tessera-trained sentencepiece model: tell transformers which class reads it.
             tok_cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": tokenizer.bos_token,
-                       "eos_token": tokenizer.eos_token, "add_bos_token": True, "add_eos_token": False}
+                       "eos_token": tokenizer.eos_token, "add_bos_token": tokenizer.add_bos, "add_eos_token": False}
             (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     return files

@@ -4,7 +4,8 @@
     python -m interop.hf export RUN_DIR OUT_DIR [--dtype bfloat16] [--max-shard-size 5GB] [key=value ...]
 
 `key=value` are Tessera config overrides (e.g. model.param_dtype=bfloat16, mesh.fsdp=4,
-mesh.rules=fsdp_tp). Errors in the input are one line on stderr and exit code 2.
+mesh.rules=fsdp_tp), in any order with the flags. Errors in the input are one line on stderr and
+exit code 2.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import re
 import sys
 
 from configs import ConfigError
+from configs.cli import parse_cli
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit code (2 for bad input, with a one-line message)."""
-    args = build_parser().parse_args(argv)
+    args = parse_cli(build_parser(), argv)
     from sharding.platforms import skip_absent_tpu
     skip_absent_tpu()  # before jax starts its backends: no libtpu start-up errors on hosts without TPU
     from interop.convert import export_hf, import_hf

@@ -10,6 +10,11 @@ data.Tokenizer has: .vocab_size, .encode(str) -> list[int],
 
 `encode` adds no special tokens (as sentencepiece's encode), so ids equal transformers'
 `tokenizer.encode(text, add_special_tokens=False)`; pass add_bos=True for a leading BOS.
+`.add_bos` says whether the tokenizer's own configuration starts a text with BOS (what
+transformers' `tokenizer(text)` does): tokenizer_config.json's `add_bos_token` when present, else
+for tokenizer.json whether its post-processor prepends the BOS, for tokenizer.model whether the
+model has a BOS (as transformers' LlamaTokenizer default). It is False whenever bos_id < 0, so
+`encode(text, add_bos=tok.add_bos)` is a prompt as the model's authors tokenize it.
 """
 from __future__ import annotations
 
@@ -49,6 +54,12 @@ def read_chat_template(directory: Path, config: dict) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
     return template if isinstance(template, str) else None
+
+
+def _configured_add_bos(config: dict) -> bool | None:
+    """tokenizer_config.json's `add_bos_token`, or None when it does not say."""
+    value = config.get("add_bos_token")
+    return value if isinstance(value, bool) else None
 
 
 def _stop_ids(directory: Path) -> list[int]:
@@ -110,7 +121,17 @@ class HFTokenizer(ChatTemplateMixin):
             self.eos_token = self._tok.id_to_token(self.eos_id)
         self.eos_ids = tuple(dict.fromkeys([i for i in [self.eos_id] + stops if i >= 0]))
         self.pad_id = max(self._id(self.pad_token), 0)
+        configured = _configured_add_bos(config)
+        self.add_bos = self.bos_id >= 0 and (self._post_processor_adds_bos() if configured is None else configured)
         self.chat_template = read_chat_template(self.directory, config)
+
+    def _post_processor_adds_bos(self) -> bool:
+        """Whether tokenizer.json's post-processor puts the BOS in front of a text. Asked of the
+        library itself (a short text with and without special tokens) rather than read from the
+        JSON, whose post-processor may be a Sequence, TemplateProcessing, RobertaProcessing..."""
+        with_specials = self._tok.encode("a", add_special_tokens=True).ids
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        return with_specials[:1] == [self.bos_id] and plain[:1] != [self.bos_id]
 
     def __reduce__(self):  # pickled by path for data.prepare's worker processes
         return type(self), (self.directory,)
@@ -172,6 +193,8 @@ class SentencePieceTokenizer(ChatTemplateMixin, Tokenizer):
         pad = _token(config.get("pad_token"))
         self.pad_id = max(self._id(pad) if pad else self.sp.pad_id(), 0)
         self.eos_ids = tuple(dict.fromkeys([i for i in [self.eos_id] + _stop_ids(self.directory) if i >= 0]))
+        # transformers' LlamaTokenizer adds BOS unless tokenizer_config.json says otherwise.
+        self.add_bos = self.bos_id >= 0 and _configured_add_bos(config) is not False
         self.chat_template = read_chat_template(self.directory, config)
 
     def _id(self, token: str | None) -> int:

@@ -54,7 +54,7 @@ case $action in
     on_all 'set -e; mkdir -p ~/tessera && tar xzf ~/tessera.tar.gz -C ~/tessera && cd ~/tessera &&
       (command -v uv >/dev/null || python3 -m pip install --user -q uv) && export PATH=$HOME/.local/bin:$PATH &&
       uv python install 3.12 && uv venv --allow-existing --python 3.12 .venv &&
-      uv pip install --python .venv/bin/python -q ".[tpu,hf]" && .venv/bin/python -c "import jax; print(jax.devices())"'
+      uv pip install --python .venv/bin/python -q ".[tpu]" && .venv/bin/python -c "import jax; print(jax.devices())"'
     ;;
   run)
     [[ ${#cmd[@]} -gt 0 ]] || { echo "error: run needs a command after --" >&2; exit 2; }

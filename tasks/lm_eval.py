@@ -50,8 +50,9 @@ class LoadedLM:
         return -(-b // self.rows_multiple) * self.rows_multiple
 
 
-def load_lm(path: str | Path, mesh) -> LoadedLM:
-    """A Tessera LM run directory or a Hugging Face directory, with its tokenizer."""
+def load_lm(path: str | Path, mesh, overrides: list[str] | tuple = ()) -> LoadedLM:
+    """A Tessera LM run directory or a Hugging Face directory, with its tokenizer; `overrides`
+    (key=value) apply to its config."""
     from flax import nnx
     from interop.load import load_checkpoint
     if (Path(path) / "config.yaml").is_file():  # check before restoring: a classifier's params differ
@@ -59,7 +60,7 @@ def load_lm(path: str | Path, mesh) -> LoadedLM:
         if read_config(path).task.kind != "lm":
             raise ConfigError(f"{path} is a {read_config(path).task.kind} checkpoint, not a language model; "
                               "use `evaluate.py classify`")
-    cfg, graphdef, params, tok = load_checkpoint(path, mesh, "fsdp")
+    cfg, graphdef, params, tok = load_checkpoint(path, mesh, "fsdp", overrides=tuple(overrides))
     if tok is None:
         raise ConfigError(f"{path} has no tokenizer (tokenizer.model or tokenizer.json)")
     return LoadedLM(cfg, graphdef, nnx.to_pure_dict(params), tok, mesh, str(path))
@@ -153,14 +154,17 @@ def read_choices(path: str | Path) -> list[dict]:
 
 
 def continuation_ids(tok, context: str, choice: str) -> tuple[list[int], list[int]]:
-    """(context ids with BOS, choice ids). The pair is encoded together and split where the
-    context's own encoding ends, so merges across the boundary match what the model saw in
-    training; when they disagree the choice is encoded alone."""
+    """(context ids, choice ids). The context starts with BOS when the tokenizer's config adds one
+    (tok.add_bos, as transformers' `tokenizer(text)`); an empty context is the document-start
+    token alone, so the first choice token has something to be predicted from. The pair is
+    encoded together and split where the context's own encoding ends, so merges across the
+    boundary match what the model saw in training; when they disagree the choice is encoded alone."""
     start, _ = _separator_ids(tok)
     ctx = tok.encode(context)
     whole = tok.encode(context + choice)
     cont = whole[len(ctx):] if whole[:len(ctx)] == ctx and len(whole) > len(ctx) else tok.encode(choice)
-    return [start] + ctx, cont
+    ctx = ([tok.bos_id] if tok.add_bos else []) + ctx
+    return ctx or [start], cont
 
 
 def _score_fn(lm: LoadedLM):

@@ -87,10 +87,12 @@ def test_ids_match_transformers(kind, bpe_dir, sp_dir):
     theirs = transformers.AutoTokenizer.from_pretrained(path)
     assert ours.vocab_size == len(theirs)
     assert (ours.bos_id, ours.eos_id) == (theirs.bos_token_id, theirs.eos_token_id)
+    assert ours.add_bos  # a BOS post-processor (bpe) or add_bos_token true (sentencepiece)
     for text in SAMPLE:
         ids = ours.encode(text)
         assert ids == theirs.encode(text, add_special_tokens=False), text
         assert ours.encode(text, add_bos=True) == theirs.encode(text), text
+        assert ours.encode(text, add_bos=ours.add_bos) == theirs(text)["input_ids"], text  # BOS as configured
         assert ours.decode(ids) == text
         assert ours.decode(ours.encode(text, add_bos=True) + [ours.eos_id]) == text
     multi = "\n".join(SAMPLE)

@@ -52,7 +52,7 @@ def test_setup_copies_the_checkout_and_installs_python_on_every_worker(tmp_path)
     scp, ssh = calls
     assert scp[:4] == ["compute", "tpus", "tpu-vm", "scp"] and scp[5] == "pod:tessera.tar.gz" and "--worker=all" in scp
     assert ssh[5] == "--worker=all"
-    for step in ("tar xzf ~/tessera.tar.gz", "uv python install 3.12", "uv venv", '".[tpu,hf]"'):
+    for step in ("tar xzf ~/tessera.tar.gz", "uv python install 3.12", "uv venv", '".[tpu]"'):
         assert step in ssh[6], step
 
 

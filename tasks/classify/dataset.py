@@ -166,13 +166,14 @@ def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def encode_texts(texts: list[str], tokenizer, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """tokens [N,max_len] int32 (BOS + text + EOS, truncated, right-padded) and lengths [N].
+    """tokens [N,max_len] int32 (BOS + text + EOS, truncated, right-padded) and lengths [N];
+    BOS only when the tokenizer's config adds one (tokenizer.add_bos, as transformers does).
 
     Truncation keeps the start of the text and still ends with EOS, so last-token pooling always
     reads the same summary position. Padding positions hold the tokenizer's pad id (0 if none);
     the model never sees them because their segment id is 0.
     """
-    bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
     eos = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
     room = max_len - len(bos) - len(eos)
     if room < 1:

@@ -76,9 +76,10 @@ def write_report(out_dir: str | Path, ex: Examples, probs: np.ndarray, class_nam
 
 def evaluate_csv(run_dir: str | Path, csv_path: str | Path, out_dir: str | Path, mesh,
                  text_column: str | None = None, label_column: str | None = None,
-                 batch_size: int | None = None) -> dict | None:
-    """The `evaluate.py classify` command: predictions for every row, metrics when labelled."""
-    cfg, graphdef, params, tokenizer, labels = load_classifier(run_dir, mesh)
+                 batch_size: int | None = None, overrides=()) -> dict | None:
+    """The `evaluate.py classify` command: predictions for every row, metrics when labelled;
+    `overrides` (key=value) apply to the run's saved config."""
+    cfg, graphdef, params, tokenizer, labels = load_classifier(run_dir, mesh, overrides)
     ex = read_csv(csv_path, text_column or cfg.data.text_column, label_column or cfg.data.label_column,
                   require_labels=False)
     y_true = labels.encode(ex) if ex.labels is not None else None
