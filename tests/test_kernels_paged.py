@@ -1,5 +1,5 @@
 """Paged decode attention kernels (TPU kernel in TPU interpret mode, GPU kernel in Pallas interpret
-mode) against paged_reference.py: random page tables and lengths, including an inactive slot
+mode, and the blocked jnp loop of paged_xla.py) against paged_reference.py: random page tables and lengths, including an inactive slot
 (length 0), length 1 / T and a full cache; bf16, fp32 and int8 (with scales) pages."""
 from __future__ import annotations
 
@@ -8,12 +8,23 @@ import jax.numpy as jnp
 import pytest
 
 from model.kernels.gpu_paged import paged_attention_gpu
-from model.kernels.paged_reference import paged_attention_reference
+from model.kernels.paged_reference import decode_positions, paged_attention_reference
+from model.kernels.paged_xla import paged_attention_blocked
+from model.kernels.reference import attention_reference
 from model.kernels.tpu_paged import paged_attention_tpu
 from test_kernels_common import TOL, assert_close, fresh_key
 
+
+
+def _blocked(q, kp, vp, table, lengths, **kw):
+    """paged_xla's loop in the decode convention, two pages per block (so several iterations)."""
+    q_pos = decode_positions(lengths, q.shape[1], 1)[0]
+    return paged_attention_blocked(q, kp, vp, table, q_pos, lengths, block_tokens=2 * kp.shape[1], **kw)
+
+
 KERNELS = {"tpu": lambda *a, **kw: paged_attention_tpu(*a, pages_per_step=2, interpret=True, **kw),
-           "gpu": lambda *a, **kw: paged_attention_gpu(*a, pages_per_chunk=2, interpret=True, **kw)}
+           "gpu": lambda *a, **kw: paged_attention_gpu(*a, pages_per_chunk=2, interpret=True, **kw),
+           "xla": _blocked}
 
 
 def make_cache(B, T, N, K, H, P, ps, M, kv_dtype, q_dtype=jnp.float32):
@@ -45,7 +56,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("platform", ["tpu", "gpu", "xla"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_paged_matches_reference(platform, case):
     B, T, N, K, H, P, ps, M, kv_dtype, q_dtype, window, softcap = case
@@ -74,3 +85,27 @@ def test_paged_sweep(platform, T, G, kv_dtype):
     kw = dict(k_scales=ks, v_scales=vs, sliding_window=13 if G == 2 else 0)
     out = KERNELS[platform](q, kp, vp, table, lengths, **kw)
     assert_close(out, paged_attention_reference(q, kp, vp, table, lengths, **kw), 3e-5, "paged")
+
+
+@pytest.mark.parametrize("window", [0, 11])
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_blocked_chunk_matches_dense_attention(window, kv_dtype):
+    """Chunked prefill: T=12 queries at explicit positions 20..31 of which the last 3 are padding
+    (past the length 29), against dense causal attention over the sequence's gathered keys."""
+    B, T, N, K, H, P, ps, M = 1, 12, 4, 2, 16, 24, 4, 10
+    q, kp, vp, table, _, ks, vs = make_cache(B, T, N, K, H, P, ps, M, kv_dtype if kv_dtype == "int8"
+                                             else jnp.float32)
+    length, start = 29, 20
+    q_pos = (start + jnp.arange(T, dtype=jnp.int32))[None]                    # [1,T]
+    kw = dict(k_scales=ks, v_scales=vs, sliding_window=window)
+    out = paged_attention_blocked(q, kp, vp, table, q_pos, jnp.array([length]), block_tokens=8, **kw)
+    dense = lambda pages, scales: (pages[table[0]].astype(jnp.float32) * (
+        1.0 if scales is None else scales[table[0]][..., None])).reshape(1, M * ps, K, H)
+    kv_pos = jnp.arange(M * ps, dtype=jnp.int32)[None]
+    ref = attention_reference(q, dense(kp, ks), dense(vp, vs), q_positions=q_pos, kv_positions=kv_pos,
+                              q_segment_ids=jnp.zeros((1, T), jnp.int32),
+                              kv_segment_ids=jnp.where(kv_pos < length, 0, -1), causal=True,
+                              sliding_window=window)
+    valid = start + T - 3 - start
+    assert_close(out[:, :valid], ref[:, :valid], 3e-5, "blocked chunk")
+    assert float(jnp.abs(out[:, valid:]).max()) == 0.0  # padding rows see no key

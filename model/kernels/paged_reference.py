@@ -1,5 +1,5 @@
-"""Pure-jnp paged decode attention: the reference the paged kernels are tested against (and the
-`xla` implementation of model.attention.paged_attention).
+"""Pure-jnp paged decode attention: the reference the paged kernels (and paged_xla.py's blocked
+loop, the `xla` implementation of model.attention.paged_attention) are tested against.
 
 q [B,T,N,H] holds the T newest tokens of each sequence, already written to the cache at positions
 lengths[b]-T .. lengths[b]-1. The cache is k/v_pages [P, page_size, K, H]; page_table [B, M] lists
