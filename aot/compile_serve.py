@@ -3,8 +3,9 @@
 The functions are exactly those serving.engine.Engine runs (serving.decode.compile_fns), lowered
 from abstract inputs laid out as serve.py lays them out: weights under the serve_tp rules over a
 (data=1, fsdp=1, tensor=chips) mesh, int8 when serve.int8_weights, the paged KV cache of
-serve.num_pages pages, a prefill of the largest bucket (max_seq_len) and a decode step of
-serve.max_batch slots. The results are memory fit and compile time; there is no honest step-time
+as many pages as serving/budget.py's plan gives (serve.memory_utilization of the chip's HBM less
+the weights and activations, unless serve.num_pages is set), a prefill chunk of the largest
+bucket and a decode step of serve.max_batch slots. The results are memory fit and compile time; there is no honest step-time
 estimate for these steps yet (see `estimate`), and the report says so.
 """
 from __future__ import annotations
@@ -28,12 +29,21 @@ def serve_mesh(cfg: Config, topo: Topology, devices) -> tuple[Config, Mesh]:
     """serve.py's layout on the whole slice: every chip tensor-parallel (serving.load.serving_config)."""
     if topo.slices > 1:
         raise ConfigError("--serve compiles one slice; serving does not span slices (drop --slices)")
+    import dataclasses
+    from model.stats import param_count
+    from serving.budget import activation_bytes, plan_cache, resolve_dtype
     from serving.load import serving_config, serving_mesh
     mesh = serving_mesh(len(devices), devices)
     try:
-        return serving_config(cfg, mesh), mesh
+        cfg = serving_config(cfg, mesh)
     except ConfigError as e:
         raise ConfigError(f"{topo.name} ({topo.n_devices} chips) for serving: {e}") from None
+    dtype = resolve_dtype(cfg.serve.dtype, cfg.model, "tpu")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype=dtype))
+    per_chip = param_count(cfg.model) * (1 if cfg.serve.int8_weights else jnp.dtype(dtype).itemsize) / len(devices)
+    free = int(cfg.serve.memory_utilization * topo.hbm_bytes - per_chip - activation_bytes(cfg))
+    cfg, _ = plan_cache(cfg, mesh, budget=(max(free, 0), f"{cfg.serve.memory_utilization:.0%} of HBM"))
+    return cfg, mesh
 
 
 def abstract_params(cfg: Config, mesh: Mesh, devices):
@@ -49,6 +59,11 @@ def abstract_params(cfg: Config, mesh: Mesh, devices):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, placed)
 
 
+def prefill_tokens(cfg: Config) -> int:
+    """The engine's prefill chunk: the largest bucket, at most the context."""
+    return min(max(cfg.serve.prefill_buckets), cfg.serve.max_model_len)
+
+
 def abstract_args(cfg: Config, mesh: Mesh, devices) -> dict:
     """{'prefill': args, 'decode': args} as ShapeDtypeStructs with shardings."""
     from serving.kv_cache import KV_DTYPES, KVCache, cache_shardings
@@ -62,10 +77,10 @@ def abstract_args(cfg: Config, mesh: Mesh, devices) -> dict:
                     jax.ShapeDtypeStruct(shape[:-1], jnp.float32, sharding=cs.k_scale) if q else None,
                     jax.ShapeDtypeStruct(shape[:-1], jnp.float32, sharding=cs.v_scale) if q else None)
     params = abstract_params(cfg, mesh, devices)
-    M, B, T = math.ceil(m.max_seq_len / s.page_size), s.max_batch, m.max_seq_len
+    M, B, T = math.ceil(s.max_model_len / s.page_size), s.max_batch, prefill_tokens(cfg)
     i32, f32 = jnp.int32, jnp.float32
-    prefill = (params, cache, arg((1, T), i32), arg((), i32), arg((1, M), i32), arg((1,), f32),
-               arg((1,), i32), arg((1,), f32), arg((1, 2), jnp.uint32))
+    prefill = (params, cache, arg((1, T), i32), arg((), i32), arg((), i32), arg((1, M), i32), arg((1,), f32),
+               arg((1,), i32), arg((1,), f32), arg((1, 2), jnp.uint32), arg((), i32), arg((1, T), i32))
     decode = (params, cache, arg((B,), i32), arg((B,), i32), arg((B, M), i32), arg((B,), f32),
               arg((B,), i32), arg((B,), f32), arg((B, 2), jnp.uint32), arg((B,), i32))
     return {"prefill": prefill, "decode": decode}
@@ -102,8 +117,9 @@ def estimate(cfg: Config, topo: Topology, devices) -> dict:
     m, s, n = scfg.model, scfg.serve, topo.n_devices
     report = {"topology": topo.name, "chips": n, "device_kind": devices[0].device_kind, "mesh": f"tensor={n}",
               "int8_weights": s.int8_weights, "kv_dtype": s.kv_dtype, "attention_impl": m.attention_impl,
-              "hbm_bytes": topo.hbm_bytes, "steps": {}}
-    tokens = {"prefill": m.max_seq_len, "decode": s.max_batch}
+              "hbm_bytes": topo.hbm_bytes, "kv_pages": s.num_pages - 1, "max_model_len": s.max_model_len,
+              "steps": {}}
+    tokens = {"prefill": prefill_tokens(scfg), "decode": s.max_batch}
     for name in ("prefill", "decode"):
         compiled, seconds, hlo = full[name]
         r = {"compile_seconds": seconds, "tokens": tokens[name], "step_seconds": None}
@@ -119,7 +135,8 @@ def estimate(cfg: Config, topo: Topology, devices) -> dict:
 def format_report(r: dict) -> str:
     gib = aot.gib
     lines = [f"serving on {r['topology']} ({r['chips']} chips, {r['device_kind']}), mesh {r['mesh']}, "
-             f"rules serve_tp, int8 weights {r['int8_weights']}, KV {r['kv_dtype']}, attention {r['attention_impl']}"]
+             f"rules serve_tp, int8 weights {r['int8_weights']}, KV {r['kv_dtype']}, attention {r['attention_impl']}",
+             f"KV cache {r['kv_pages']} pages, max model len {r['max_model_len']}"]
     for name, st in r["steps"].items():
         what = f"{name} ({st['tokens']} tokens{' per step' if name == 'decode' else ''})"
         if st["memory"] is None:

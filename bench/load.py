@@ -1,10 +1,11 @@
 """Load test: N concurrent streaming clients against an OpenAI-compatible server.
 
-  python bench/load.py --url http://127.0.0.1:8000 [--clients 16] [--requests 64] [--max-tokens 64]
-  python bench/load.py --checkpoint RUN_DIR [--int8] [key=value ...]   # starts its own server
+  python bench/load.py --url http://127.0.0.1:8000 [--clients 8 32] [--requests 64] [--max-tokens 64]
+  python bench/load.py --checkpoint DIR [--int8] [key=value ...]   # starts its own server
 
-Reports requests/s, generated tokens/s, p50/p99 time to first token and inter-token latency
-(measured by the clients from streamed chunks), and the error count (must be 0).
+For each --clients level (one server, levels in turn): requests/s, generated tokens/s, p50/p99
+time to first token and inter-token latency (measured by the clients from streamed chunks), and
+the error count (must be 0).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine_load import load_report  # noqa: E402
+from configs.cli import parse_cli  # noqa: E402
 
 import httpx  # noqa: E402
 
@@ -99,7 +101,7 @@ def start_server(args):
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", cfg
+    return f"http://127.0.0.1:{port}", engine.cfg  # with the KV plan resolved
 
 
 def main():
@@ -109,13 +111,13 @@ def main():
     ap.add_argument("--checkpoint")
     ap.add_argument("--int8", action="store_true")
     ap.add_argument("--kv-dtype")
-    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--clients", type=int, nargs="+", default=[8, 32], help="concurrency levels, run in turn")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--api-key", default=os.environ.get("TESSERA_API_KEY"))
-    args = ap.parse_args()
+    args = parse_cli(ap)
     args.headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     if bool(args.url) == bool(args.checkpoint):
         sys.exit("bench/load.py: error: give exactly one of --url or --checkpoint")
@@ -123,17 +125,22 @@ def main():
     if args.checkpoint:
         args.url, cfg = start_server(args)
         desc = (f"{args.checkpoint} (int8 weights {cfg.serve.int8_weights}, kv {cfg.serve.kv_dtype}, "
+                f"{cfg.serve.num_pages - 1} pages, max model len {cfg.serve.max_model_len or cfg.model.max_seq_len}, "
                 f"max_batch {cfg.serve.max_batch})")
-    s = asyncio.run(run(args.url.rstrip("/"), args))
-    print(f"server {desc}: {args.clients} clients, {args.requests} requests x {args.max_tokens} tokens")
-    print(f"requests/s {s['ok'] / s['wall']:.2f} | tokens/s {s['tokens'] / s['wall']:.1f} | "
-          f"TTFT p50 {pct(s['ttft'], 50) * 1e3:.0f} ms p99 {pct(s['ttft'], 99) * 1e3:.0f} ms | "
-          f"ITL p50 {pct(s['itl'], 50) * 1e3:.1f} ms p99 {pct(s['itl'], 99) * 1e3:.1f} ms | "
-          f"errors {len(s['errors'])}")
-    print("TTFT deciles (ms):", [round(pct(s["ttft"], q) * 1e3) for q in range(0, 101, 10)])
-    for e in s["errors"][:5]:
-        print("  error:", e)
-    return 1 if s["errors"] else 0
+    levels, failed = args.clients, 0
+    for n in levels:
+        args.clients = n
+        s = asyncio.run(run(args.url.rstrip("/"), args))
+        print(f"server {desc}: {n} clients, {args.requests} requests x {args.max_tokens} tokens")
+        print(f"requests/s {s['ok'] / s['wall']:.2f} | tokens/s {s['tokens'] / s['wall']:.1f} | "
+              f"TTFT p50 {pct(s['ttft'], 50) * 1e3:.0f} ms p99 {pct(s['ttft'], 99) * 1e3:.0f} ms | "
+              f"ITL p50 {pct(s['itl'], 50) * 1e3:.1f} ms p99 {pct(s['itl'], 99) * 1e3:.1f} ms | "
+              f"errors {len(s['errors'])}")
+        print("TTFT deciles (ms):", [round(pct(s["ttft"], q) * 1e3) for q in range(0, 101, 10)])
+        for e in s["errors"][:5]:
+            print("  error:", e)
+        failed += bool(s["errors"])
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

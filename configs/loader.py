@@ -212,6 +212,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.batch_size and train.grad_accum must be positive")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by train.grad_accum ({cfg.train.grad_accum})")
+    validate_serve(cfg)
     sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(f"mesh sizes data/fsdp/tensor must be positive with at most one -1; got {sizes}")
+
+
+def validate_serve(cfg: Config) -> None:
+    """The serve section's ranges (the budget itself is checked at start-up, serving/budget.py)."""
+    s = cfg.serve
+    for key in ("page_size", "max_batch", "max_queue"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"config key 'serve.{key}' must be positive; got {getattr(s, key)}")
+    for key in ("num_pages", "kv_cache_memory", "max_model_len"):
+        if getattr(s, key) < 0:
+            raise ConfigError(f"config key 'serve.{key}' must be >= 0 (0 = automatic); got {getattr(s, key)}")
+    if not 0 < s.memory_utilization <= 1:
+        raise ConfigError(f"config key 'serve.memory_utilization' must be in (0, 1]; got {s.memory_utilization}")
+    if not s.prefill_buckets or min(s.prefill_buckets) <= 0:
+        raise ConfigError(f"config key 'serve.prefill_buckets' must be positive sizes; got {list(s.prefill_buckets)}")
+    if s.max_model_len > cfg.model.max_seq_len:
+        raise ConfigError(f"config key 'serve.max_model_len' ({s.max_model_len}) exceeds the model's context "
+                          f"model.max_seq_len ({cfg.model.max_seq_len})")

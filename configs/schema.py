@@ -135,11 +135,15 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class ServeConfig:
     int8_weights: bool = False
-    kv_dtype: str = "bfloat16"       # bfloat16 | int8 | float32
+    dtype: str = "auto"              # weights: auto | bfloat16 | float32 (auto: serving/budget.py)
+    kv_dtype: str = "auto"           # auto (the weights' dtype) | bfloat16 | int8 | float32
     page_size: int = 16
-    num_pages: int = 512
+    num_pages: int = 0               # KV pages; 0 = as many as the memory budget holds
+    memory_utilization: float = 0.9  # fraction of device memory (CPU: of free RAM) for weights + KV
+    kv_cache_memory: int = 0         # bytes of KV cache per device; 0 = from memory_utilization
+    max_model_len: int = 0           # 0 = the model's context, capped by what the KV pages hold
     max_batch: int = 8               # concurrent sequences in the decode batch
-    prefill_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
+    prefill_buckets: tuple[int, ...] = (64, 256, 1024)  # prefill chunk sizes; the largest is the chunk
     max_queue: int = 64
     host: str = "127.0.0.1"
     port: int = 8000
@@ -174,7 +178,8 @@ PARAM_DTYPES = ("float32", "bfloat16")
 COMPUTE_DTYPES = ("auto",) + PARAM_DTYPES
 RULE_TABLES = ("fsdp", "fsdp_tp", "serve_tp")
 SCHEDULES = ("cosine", "linear", "constant")
-KV_CACHE_DTYPES = ("bfloat16", "int8", "float32")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "int8", "float32")
+SERVE_DTYPES = ("auto",) + PARAM_DTYPES
 TASK_KINDS = ("lm", "classify")
 POOLINGS = ("last", "mean")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
@@ -190,6 +195,7 @@ CHOICES = {
     "mesh.rules": RULE_TABLES,
     "train.schedule": SCHEDULES,
     "serve.kv_dtype": KV_CACHE_DTYPES,
+    "serve.dtype": SERVE_DTYPES,
     "task.kind": TASK_KINDS,
     "task.pooling": POOLINGS,
 }

@@ -1,11 +1,11 @@
-"""Jitted prefill (bucketed prompt lengths) and decode step (donated paged cache), with sampling.
+"""Jitted chunked prefill and decode step (donated paged cache), with sampling.
 
 Both run the model's own forward (model/transformer.py: `embed`, `decoder`, whose one `block`
 serves training too, and `logits`); the only serving-specific part is the `attend` function that
-decides where K/V go: prefill attends over the prompt itself and writes its K/V into the
-sequence's pages, decode writes one token per slot and attends through `paged_attention`. The
-cache is the state threaded through the layers' scan and is updated by scatters, so with donation
-XLA updates it in place.
+writes the new tokens' K/V into the sequence's pages and attends over the pages through
+`paged_attention`: a prefill chunk is T tokens of one sequence at positions start..start+T-1, a
+decode step one token for each of B sequences. The cache is the state threaded through the
+layers' scan and is updated by scatters, so with donation XLA updates it in place.
 
 Params are the pure-dict layout of `Transformer` (`nnx.to_pure_dict`), optionally with QArray
 weights (model/quant.py); `linear` and `embed` dispatch on them.
@@ -20,38 +20,49 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import Config
 from model.attention import paged_attention
-from model.kernels.reference import default_positions
-from model.transformer import decoder, embed, full_attention, logits
+from model.transformer import decoder, embed, logits
 from serving.kv_cache import KVCache, cache_shardings, slot_indices, write_layer
 from serving.sampling import sample, top_logprobs
 
 
-def prefill(params: dict, cache: KVCache, tokens, length, page_row, temperature, top_k, top_p, key,
-            *, cfg: Config, echo: bool = False):
-    """One prompt: tokens [1,Tb] (Tb a bucket, padded after `length`), page_row [1,M].
+def _paged_attend(cfg: Config, page_table, positions, valid, lengths, cache_page_size: int, chunk: bool):
+    """`attend` for model.transformer.block: store k/v [B,T,K,H] at `positions` [B,T] (where
+    `valid`), then attend over the pages up to `lengths` [B]."""
+    m = cfg.model
+    pages, offsets = slot_indices(page_table, positions, valid, cache_page_size)
 
-    Writes K/V of positions < length into the pages, returns (cache, sample of the next token,
-    and, when echo, prompt logprobs [1,Tb] and their top ids/logprobs [1,Tb,TOP_N]).
+    def attend(q, k, v, layer, cache, window):                            # q [B,T,N,H]
+        cache = write_layer(cache, layer, k, v, pages, offsets)
+        kp, vp, ks, vs = cache.layer(layer)                               # [P,ps,K,H] (+[P,ps,K])
+        out = paged_attention(q, kp, vp, page_table, lengths, k_scales=ks, v_scales=vs,
+                              sliding_window=window, logit_softcap=m.attn_logit_softcap,
+                              impl=m.attention_impl, q_positions=positions if chunk else None)
+        return out.astype(q.dtype), cache                                 # [B,T,N,H]
+    return attend
+
+
+def prefill(params: dict, cache: KVCache, tokens, start, length, page_row, temperature, top_k, top_p,
+            key, step, next_tokens, *, cfg: Config, echo: bool = False):
+    """One chunk of one sequence: tokens [1,Tb] at positions start.., valid up to `length` (the
+    sequence's tokens so far, start < length <= start+Tb); page_row [1,M].
+
+    Writes the chunk's K/V into the pages and returns (cache, a sample of the token after
+    position length-1 (used when the chunk is the last), and, when echo, the logprobs of
+    next_tokens [1,Tb] (token t+1 scored at t) with the top ids/logprobs [1,Tb,TOP_N]).
     """
     m, rules = cfg.model, cfg.mesh.rules
     B, T = tokens.shape
-    positions = default_positions(B, T)                                   # [1,Tb]
-    pages, offsets = slot_indices(page_row, positions, positions < length, cache.page_size)
-    over_prompt = full_attention(m, positions)
-
-    def attend(q, k, v, layer, cache, window):                            # [1,Tb,N|K,H]
-        cache = write_layer(cache, layer, k, v, pages, offsets)
-        return over_prompt(q, k, v, layer, None, window)[0], cache
-
+    positions = start + jnp.arange(T, dtype=jnp.int32)[None, :]          # [1,Tb]
+    attend = _paged_attend(cfg, page_row, positions, positions < length, jnp.reshape(length, (1,)),
+                           cache.page_size, chunk=True)
     h, cache = decoder(params, embed(params, tokens, m, rules), positions, attend, m, rules, cache)
-    last = jax.lax.dynamic_slice_in_dim(h, length - 1, 1, axis=1)         # [1,1,D]
+    last = jax.lax.dynamic_slice_in_dim(h, length - 1 - start, 1, axis=1)  # [1,1,D]
     out = sample(logits(params, last, m, rules)[:, 0], temperature, top_k, top_p, key,
-                 jnp.zeros((B,), jnp.int32))
+                 jnp.reshape(step, (1,)))
     if not echo:
         return cache, out, None
     logp, top_ids, top_lp = top_logprobs(logits(params, h, m, rules).reshape(B * T, -1))
-    nxt = jnp.roll(tokens, -1, axis=1).reshape(B * T)                     # token t+1 scored at t
-    tok_lp = jnp.take_along_axis(logp, nxt[:, None], axis=-1).reshape(B, T)
+    tok_lp = jnp.take_along_axis(logp, next_tokens.reshape(B * T, 1), axis=-1).reshape(B, T)
     return cache, out, (tok_lp, top_ids.reshape(B, T, -1), top_lp.reshape(B, T, -1))
 
 
@@ -65,16 +76,7 @@ def decode_step(params: dict, cache: KVCache, tokens, positions, page_table, tem
     active = positions >= 0
     pos = jnp.maximum(positions, 0)[:, None]                              # [B,1]
     lengths = jnp.where(active, positions + 1, 0).astype(jnp.int32)       # [B]
-    pages, offsets = slot_indices(page_table, pos, active[:, None], cache.page_size)
-
-    def attend(q, k, v, layer, cache, window):                            # q [B,1,N,H]
-        cache = write_layer(cache, layer, k, v, pages, offsets)
-        kp, vp, ks, vs = cache.layer(layer)                               # [P,ps,K,H] (+[P,ps,K])
-        out = paged_attention(q, kp, vp, page_table, lengths, k_scales=ks, v_scales=vs,
-                              sliding_window=window, logit_softcap=m.attn_logit_softcap,
-                              impl=m.attention_impl)
-        return out.astype(q.dtype), cache                                 # [B,1,N,H]
-
+    attend = _paged_attend(cfg, page_table, pos, active[:, None], lengths, cache.page_size, chunk=False)
     h, cache = decoder(params, embed(params, tokens[:, None], m, rules), pos, attend, m, rules, cache)
     return cache, sample(logits(params, h, m, rules)[:, 0], temperature, top_k, top_p, keys, steps)
 

@@ -6,8 +6,9 @@ token's entry is final once written: value = int8 * scale). Page 0 is never hand
 decode slots and padded prefill positions write into it, so a jitted step never needs a branch.
 
 Host side (`PageAllocator`): the free list, each slot's pages and the [max_batch, max_pages]
-page table fed to every step. Pages are taken when a request is admitted (prompt + max_tokens,
-so a running sequence can never run out) and returned the moment it finishes or is cancelled.
+page table fed to every step. Pages are taken on demand: a sequence holds pages for the tokens
+it has and `grow`s as it prefills and decodes; the engine preempts a sequence when the pool runs
+dry (serving/engine.py). Pages return the moment a sequence finishes, is cancelled or preempted.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from configs import Config
 from configs.schema import KV_CACHE_DTYPES
 from sharding.rules import RULES, spec
 
-KV_DTYPES = {name: jnp.dtype(name) for name in KV_CACHE_DTYPES}  # serve.kv_dtype -> dtype
+KV_DTYPES = {name: jnp.dtype(name) for name in KV_CACHE_DTYPES if name != "auto"}  # resolved serve.kv_dtype
 CACHE_AXES = ("layers", "cache_pages", "cache_page_tokens", "cache_kv_heads", "head_dim")  # k, v
 SCALE_AXES = CACHE_AXES[:-1]                                                                # scales
 
@@ -110,10 +111,6 @@ def write_layer(cache: KVCache, layer, k: jax.Array, v: jax.Array, pages, offset
                    cache.v.at[lay, pages, offsets].set(v.astype(dt)))
 
 
-class OutOfPages(RuntimeError):
-    """Not enough free pages for a request right now."""
-
-
 class PageAllocator:
     """Free list and page table for `max_batch` slots (host side, single-threaded use)."""
 
@@ -134,21 +131,22 @@ class PageAllocator:
     def pages_in_use(self) -> int:
         return self.capacity - len(self.free)
 
-    def can_allocate(self, n_tokens: int) -> bool:
-        return self.pages_for(n_tokens) <= len(self.free)
+    def missing(self, slot: int, n_tokens: int) -> int:
+        """Pages `slot` still needs to hold n_tokens positions."""
+        return max(0, self.pages_for(n_tokens) - len(self.slot_pages[slot]))
 
-    def allocate(self, slot: int, n_tokens: int) -> None:
-        """Give `slot` pages for n_tokens positions; raises OutOfPages."""
+    def grow(self, slot: int, n_tokens: int) -> bool:
+        """Give `slot` pages for n_tokens positions; False (nothing taken) when too few are free."""
+        have = len(self.slot_pages[slot])
         need = self.pages_for(n_tokens)
         if need > self.max_pages_per_seq:
             raise ValueError(f"{n_tokens} tokens exceed the context of {self.max_pages_per_seq} pages")
-        if need > len(self.free):
-            raise OutOfPages(f"need {need} pages, {len(self.free)} free")
-        assert not self.slot_pages[slot], f"slot {slot} still holds pages"
-        pages = [self.free.pop() for _ in range(need)]
-        self.slot_pages[slot] = pages
-        self.page_table[slot] = 0
-        self.page_table[slot, :need] = pages
+        if need - have > len(self.free):
+            return False
+        new = [self.free.pop() for _ in range(need - have)]
+        self.slot_pages[slot] += new
+        self.page_table[slot, have:need] = new
+        return True
 
     def release(self, slot: int) -> None:
         """Return the slot's pages to the free list."""

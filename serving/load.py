@@ -20,9 +20,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import Config, ConfigError, MeshConfig
-from interop.load import load_checkpoint, load_tokenizer_for
+from interop.load import checkpoint_config, load_checkpoint, load_tokenizer_for
 from model.quant import CONTRACT_AXES, VOCAB_WEIGHTS, from_storable, quantize_params, to_storable
 from sharding.mesh import make_mesh
+from serving.budget import resolve_dtype
 from store.checkpoint import Checkpointer, abstract_pure, read_config, write_config
 
 INT8_MARKER = "int8.json"
@@ -84,7 +85,8 @@ def _require_tokenizer(tok, run_dir: Path):
 
 def load_for_serving(path: str, overrides=(), tp: int = 1, int8: bool | None = None,
                      int8_embedding: bool = True):
-    """-> (cfg, mesh, params pure dict (QArrays when int8), tokenizer)."""
+    """-> (cfg, mesh, params pure dict (QArrays when int8), tokenizer). The weights load in
+    serve.dtype (auto: serving/budget.py) unless model.param_dtype is among the overrides."""
     run = Path(path)
     if not run.is_dir():
         raise ConfigError(f"checkpoint directory {path} not found")
@@ -102,6 +104,11 @@ def load_for_serving(path: str, overrides=(), tp: int = 1, int8: bool | None = N
             raise ConfigError(f"no loadable checkpoint in {run}/checkpoints")
         params = from_storable(found[1], info.get("act_quant", True))
         return cfg, mesh, params, _require_tokenizer(load_tokenizer_for(run, cfg), run)
+    overrides = list(overrides)
+    if not any(o.startswith("model.param_dtype=") for o in overrides):  # an explicit override wins
+        want = checkpoint_config(run, overrides)
+        dtype = resolve_dtype(want.serve.dtype, want.model, jax.default_backend())
+        overrides.append(f"model.param_dtype={dtype}")
     cfg, _, state, tok = load_checkpoint(str(run), mesh, rules="serve_tp", overrides=tuple(overrides))
     cfg = serving_config(cfg, mesh)
     tok = _require_tokenizer(tok, run)

@@ -17,6 +17,8 @@ class Metrics:
         self.generated_tokens = Counter("tessera_generated_tokens", "Tokens generated", registry=r)
         self.finished = Counter("tessera_finished_requests", "Finished requests by reason",
                                 ["reason"], registry=r)
+        self.preemptions = Counter("tessera_preemptions", "Sequences preempted for KV pages (recomputed later)",
+                                   registry=r)
         self.queue_depth = Gauge("tessera_queue_depth", "Requests waiting for a slot", registry=r)
         self.active = Gauge("tessera_active_sequences", "Sequences in the decode batch", registry=r)
         self.pages_in_use = Gauge("tessera_kv_pages_in_use", "KV cache pages allocated", registry=r)

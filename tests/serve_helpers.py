@@ -169,15 +169,17 @@ def teacher_forced_top_logprobs(eng, tokens: list[int], n_prompt: int):
     cfg = eng.cfg
     prefill, decode = eng._prefill, eng._decode
     cache = init_cache(cfg, eng.mesh)
-    alloc = PageAllocator(cfg.serve.num_pages, cfg.serve.page_size, 1, cfg.model.max_seq_len)
-    alloc.allocate(0, len(tokens))
+    alloc = PageAllocator(cfg.serve.num_pages, cfg.serve.page_size, 1, eng.max_len)
+    assert alloc.grow(0, len(tokens))
     table = alloc.page_table[:1]
     greedy = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32))
-    bucket = next(b for b in eng.buckets if b >= n_prompt)
-    padded = np.zeros((1, bucket), np.int32)
-    padded[0, :n_prompt] = tokens[:n_prompt]
-    cache, out, _ = prefill(eng.params, cache, padded, np.int32(n_prompt), table, *greedy,
-                            np.zeros((1, 2), np.uint32))
+    for start in range(0, n_prompt, eng.chunk):  # the prompt in the engine's chunks
+        end = min(n_prompt, start + eng.chunk)
+        bucket = next(b for b in eng.buckets if b >= end - start)
+        padded = np.zeros((1, bucket), np.int32)
+        padded[0, :end - start] = tokens[start:end]
+        cache, out, _ = prefill(eng.params, cache, padded, np.int32(start), np.int32(end), table, *greedy,
+                                np.zeros((1, 2), np.uint32), np.int32(0), np.zeros((1, bucket), np.int32))
     rows = [jax.device_get(out[2:])]
     for t in range(n_prompt, len(tokens) - 1):
         cache, out = decode(eng.params, cache, np.array([tokens[t]], np.int32), np.array([t], np.int32),

@@ -130,6 +130,9 @@ def test_presets_inherit_and_override():
     (["model.global_every=-2"], "config key 'model.global_every' must be >= 0 (0 = off); got -2"),
     (["data.seq_len=4096"], "data.seq_len (4096) exceeds model.max_seq_len (512)"),
     (["train"], "override 'train' must look like section.key=value"),
+    (["serve.memory_utilization=1.5"], "config key 'serve.memory_utilization' must be in (0, 1]; got 1.5"),
+    (["serve.max_model_len=100000"], "config key 'serve.max_model_len' (100000) exceeds the model's context"),
+    (["serve.dtype=fp16"], "config key 'serve.dtype' must be one of auto, float32, bfloat16"),
 ])
 def test_bad_overrides(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -144,7 +147,7 @@ def test_enum_sets_are_defined_once():
     from configs import schema
     from model.attention import IMPLS
     from serving.kv_cache import KV_DTYPES
-    assert IMPLS is schema.ATTENTION_IMPLS and tuple(KV_DTYPES) == schema.KV_CACHE_DTYPES
+    assert IMPLS is schema.ATTENTION_IMPLS and ("auto",) + tuple(KV_DTYPES) == schema.KV_CACHE_DTYPES
     assert schema.CHOICES["serve.kv_dtype"] is schema.KV_CACHE_DTYPES
     assert serve.parse_args(["ckpt", "--kv-dtype", "int8"]).kv_dtype == "int8"
     with pytest.raises(SystemExit):

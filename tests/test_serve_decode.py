@@ -7,7 +7,7 @@ import pytest
 
 import serve_helpers as H
 from serving.engine import Engine
-from serving.kv_cache import PageAllocator, OutOfPages, quantize_kv
+from serving.kv_cache import PageAllocator, quantize_kv
 from serving.load import load_for_serving
 from serving.sampling import SamplingParams
 
@@ -128,17 +128,20 @@ def test_stop_strings_and_tokens():
     assert out["finish_reason"] == "stop" and out["text"] == text[:text.find(stop)]
 
 
-def test_allocator_free_list():
+def test_allocator_grows_on_demand():
     a = PageAllocator(num_pages=9, page_size=4, max_batch=2, max_seq_len=32)
-    a.allocate(0, 10)  # 3 pages
+    assert a.grow(0, 4) and a.grow(0, 4) and a.pages_in_use == 1  # a length it holds takes nothing
+    assert a.grow(0, 10)  # 3 pages: two more, appended to its row
     assert a.pages_in_use == 3 and list(a.page_table[0, :3]) == [1, 2, 3] and a.page_table[0, 3] == 0
-    with pytest.raises(OutOfPages):
-        a.allocate(1, 24)  # 6 pages, 5 free
-    a.allocate(1, 20)  # 5 pages
+    assert not a.grow(1, 24)  # 6 pages, 5 free: refused, nothing taken
+    assert a.pages_in_use == 3 and not a.slot_pages[1] and a.missing(1, 24) == 6
+    assert a.grow(1, 20)  # 5 pages
     a.release(0)
     assert a.pages_in_use == 5 and not a.page_table[0].any()
-    a.allocate(0, 12)
+    assert a.grow(0, 12)
     assert 0 not in a.slot_pages[0] and len(set(a.slot_pages[0]) & set(a.slot_pages[1])) == 0
+    with pytest.raises(ValueError, match="exceed the context"):
+        a.grow(1, 33)
 
 
 def test_int8_kv_quantization_error():
