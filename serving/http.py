@@ -1,24 +1,25 @@
 """FastAPI app: OpenAI-compatible /v1/completions, /v1/chat/completions, /v1/models, plus
 /health and /metrics. Streaming is server-sent events ending in `data: [DONE]`.
 
-The engine runs on its own thread; a request's events are handed to the event loop with
-`call_soon_threadsafe`. A client that disconnects (stream closed, or a non-streaming request
-abandoned) cancels its request, which frees its slot and KV pages before the next decode step.
+Each choice of a request (one per prompt and sample) is its own engine Request, run concurrently
+by the engine (serving/fanout.py). A client that disconnects (stream closed, or a non-streaming
+request abandoned) cancels them all, which frees their slots and KV pages before the next step.
 """
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from serving.engine import Engine, Event, QueueFull, Request
-from serving.openai import (APIError, Formatter, chat_prompt, completion_prompt, field,
-                            sampling_params)
+from serving.engine import Engine
+from serving.request import Event
+from serving.fanout import Fanout
+from serving.openai import (APIError, chat_prompt, choice_params, completion_prompts, field, num_choices,
+                            refuse_unsupported, sampling_params)
+from serving.responses import Formatter
 
-POLL_S = 0.5  # how often an idle waiter checks whether its client is still there
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -81,91 +82,73 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
         body = await parse(request)
-        ids, text = completion_prompt(body, tok, engine.cfg.model.vocab_size)
-        params = sampling_params(body, len(ids), engine.max_len, chat=False)
-        prefix = text if params.echo else ""
-        return await run(request, body, ids, params, Formatter(False, model_name, tok, len(ids)), prefix)
+        refuse_unsupported(body, chat=False)
+        n, prompts = num_choices(body), completion_prompts(body, tok, engine.cfg.model.vocab_size)
+        jobs, prefixes = [], []
+        for k, (ids, text) in enumerate(prompts):  # validate every prompt before submitting any
+            label = "the prompt" if len(prompts) == 1 else f"prompt[{k}]"
+            params = sampling_params(body, len(ids), engine.max_len, chat=False, label=label)
+            check(ids, params, label, "prompt")
+            jobs += [(ids, p) for p in choice_params(params, n)]
+            prefixes += [text if params.echo else ""] * n
+        fmt = Formatter(False, model_name, tok, sum(len(ids) for ids, _ in prompts))
+        return await run(request, body, jobs, fmt, prefixes, "prompt" if n == 1 else "n")
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
         body = await parse(request)
+        refuse_unsupported(body, chat=True)
+        n = num_choices(body)
         ids, extra_stop = chat_prompt(body, tok, engine.cfg.serve.chat_template)
         params = sampling_params(body, len(ids), engine.max_len, chat=True, extra_stop=extra_stop)
-        return await run(request, body, ids, params, Formatter(True, model_name, tok, len(ids)), "")
+        check(ids, params, "the prompt", "messages")
+        jobs = [(ids, p) for p in choice_params(params, n)]
+        return await run(request, body, jobs, Formatter(True, model_name, tok, len(ids)), [""] * n, "n")
 
-    async def run(request: HTTPRequest, body: dict, ids: list[int], params, fmt: Formatter, prefix: str):
+    def check(ids: list[int], params, label: str, param: str) -> None:
+        """The engine's own limits (e.g. KV pages), before anything is queued."""
+        why = engine.check(len(ids), params.max_tokens)
+        if why:
+            raise APIError(400, f"{label}: {why}", param)
+
+    async def run(request: HTTPRequest, body: dict, jobs: list, fmt: Formatter, prefixes: list[str],
+                  count_param: str):
         stream = field(body, "stream", bool, False)
         opts = field(body, "stream_options", dict, {})
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        req = Request(ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        try:
-            engine.submit(req)
-        except QueueFull as e:
-            raise APIError(429, str(e), code="queue_full", kind="rate_limit_error")
-        except ValueError as e:
-            raise APIError(400, str(e), code="context_length_exceeded")
-        want_lp = params.logprobs is not None
+        # more choices than the queue holds could never be admitted: a 400, not a 429 to retry
+        if len(jobs) > engine.cfg.serve.max_queue:
+            raise APIError(400, f"the request asks for {len(jobs)} completions (prompts x n); this server "
+                                f"takes at most {engine.cfg.serve.max_queue} at once", count_param)
+        fan = Fanout(engine, jobs)
+        fan.submit()
+        want_lp = jobs[0][1].logprobs is not None
         if stream:
-            return StreamingResponse(sse(request, req, events, fmt, want_lp, prefix,
-                                         bool(opts.get("include_usage"))), media_type="text/event-stream")
-        merged = Event(prompt_logprobs=None)
-        try:
-            while True:
-                ev = await next_event(request, req, events)
-                merge(merged, ev)
-                if ev.finish_reason:
-                    break
-        finally:
-            if not req.done:
-                engine.cancel(req)
-        if merged.finish_reason == "error":
-            raise APIError(500, f"generation failed: {merged.error}", kind="server_error")
-        return fmt.response(merged, want_lp, prefix)
+            return StreamingResponse(sse(request, fan, fmt, want_lp, prefixes, bool(opts.get("include_usage"))),
+                                     media_type="text/event-stream")
+        return fmt.response(await fan.collect(request), want_lp, prefixes)
 
-    async def next_event(request: HTTPRequest, req: Request, events: asyncio.Queue) -> Event:
-        """The request's next event; cancels it if the client goes away while waiting."""
-        while True:
-            try:
-                return await asyncio.wait_for(events.get(), POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    engine.cancel(req)
-                    raise asyncio.CancelledError("client disconnected")
-
-    async def sse(request, req: Request, events, fmt: Formatter, want_lp: bool, prefix: str, usage: bool):
-        n_tokens, first = 0, True
+    async def sse(request, fan: Fanout, fmt: Formatter, want_lp: bool, prefixes: list[str], usage: bool):
+        n_tokens, first = 0, [True] * len(prefixes)
         try:
-            if prefix:
-                yield _sse(fmt.chunk(Event(text=""), False, first=False, prefix=prefix))
-            while True:
-                ev = await next_event(request, req, events)
+            for i, prefix in enumerate(prefixes):
+                if prefix:
+                    yield _sse(fmt.chunk(i, Event(), False, prefix=prefix))
+            while fan.left:
+                i, ev = await fan.next(request)
                 n_tokens += len(ev.token_ids)
                 if ev.finish_reason == "error":
                     yield _sse(APIError(500, f"generation failed: {ev.error}", kind="server_error").body())
                     break
-                if ev.text or ev.finish_reason or first or (want_lp and ev.token_ids):
-                    yield _sse(fmt.chunk(ev, want_lp, first=first))
-                    first = False
-                if ev.finish_reason:
-                    break
+                if ev.text or ev.finish_reason or first[i] or (want_lp and ev.token_ids):
+                    yield _sse(fmt.chunk(i, ev, want_lp, first=first[i]))
+                    first[i] = False
             if usage:
-                yield _sse({**fmt.chunk(Event(), False), "choices": [], "usage": fmt.usage(n_tokens)})
+                yield _sse(fmt.usage_chunk(n_tokens))
             yield "data: [DONE]\n\n"
         finally:  # runs on normal end and when the server cancels the stream on disconnect
-            if not req.done:
-                engine.cancel(req)
+            fan.cancel()
 
     return app
-
-
-def merge(acc: Event, ev: Event) -> None:
-    acc.text += ev.text
-    acc.token_ids += ev.token_ids
-    acc.logprobs += ev.logprobs
-    acc.top_logprobs += ev.top_logprobs
-    if ev.prompt_logprobs is not None:
-        acc.prompt_logprobs = ev.prompt_logprobs
-    acc.finish_reason, acc.error = ev.finish_reason or acc.finish_reason, ev.error or acc.error
 
 
 def _sse(obj: dict) -> str:

@@ -1,22 +1,21 @@
-"""OpenAI API shapes: request validation into SamplingParams, and response/chunk bodies.
+"""OpenAI API requests: validation into prompts and SamplingParams, and the fields refused.
 
 Validation is by hand rather than pydantic so every bad request gets OpenAI's error body with
 HTTP 400 (pydantic's default is 422 with a different shape, which OpenAI clients do not parse).
 """
 from __future__ import annotations
 
-import time
-import uuid
+import dataclasses
 
 import jinja2
 
-from serving.engine import Event
 from serving.sampling import TOP_N, SamplingParams
 
 BUILTIN_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 BUILTIN_CHAT_STOP = "<|"  # the next turn marker of the built-in template
+MAX_N = 128  # choices per prompt; prompts x n is also capped by serve.max_queue (serving/http.py)
 
 
 class APIError(Exception):
@@ -66,10 +65,9 @@ def stop_list(body: dict) -> tuple[str, ...]:
     raise APIError(400, "'stop' must be a string or a list of at most 16 strings", "stop")
 
 
-def sampling_params(body: dict, prompt_len: int, max_len: int, chat: bool, extra_stop=()) -> SamplingParams:
-    """Validate the sampling fields shared by both endpoints."""
-    if field(body, "n", int, 1) != 1:
-        raise APIError(400, "only n=1 is supported", "n")
+def sampling_params(body: dict, prompt_len: int, max_len: int, chat: bool, extra_stop=(),
+                    label: str = "the prompt") -> SamplingParams:
+    """Validate the sampling fields shared by both endpoints (`label` names the prompt in errors)."""
     for name in ("presence_penalty", "frequency_penalty"):
         if field(body, name, (int, float), 0) != 0:
             raise APIError(400, f"'{name}' is not supported (must be 0)", name)
@@ -77,14 +75,18 @@ def sampling_params(body: dict, prompt_len: int, max_len: int, chat: bool, extra
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = field(body, key, int, max(default_max, 1), lo=1, hi=10**9)
     if prompt_len >= max_len:
-        raise APIError(400, f"this model's maximum context length is {max_len} tokens, but the prompt "
-                            f"has {prompt_len} tokens", "prompt", "context_length_exceeded")
+        raise APIError(400, f"this model's maximum context length is {max_len} tokens, but {label} "
+                            f"has {prompt_len} tokens", "messages" if chat else "prompt",
+                       "context_length_exceeded")
     if prompt_len + max_tokens > max_len:
-        raise APIError(400, f"this model's maximum context length is {max_len} tokens; {prompt_len} prompt "
-                            f"tokens + max_tokens {max_tokens} exceed it", key, "context_length_exceeded")
+        raise APIError(400, f"this model's maximum context length is {max_len} tokens; {prompt_len} tokens "
+                            f"of {label} + max_tokens {max_tokens} exceed it", key, "context_length_exceeded")
     if chat:
-        logprobs = field(body, "top_logprobs", int, 0, 0, TOP_N) if field(body, "logprobs", bool, False) else None
-        echo = False
+        want = field(body, "logprobs", bool, False)
+        top = field(body, "top_logprobs", int, 0, 0, TOP_N)
+        if top and not want:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        logprobs, echo = (top if want else None), False
     else:
         logprobs = field(body, "logprobs", int, None, 0, TOP_N)
         echo = field(body, "echo", bool, False)
@@ -99,25 +101,62 @@ def sampling_params(body: dict, prompt_len: int, max_len: int, chat: bool, extra
         ignore_eos=field(body, "ignore_eos", bool, False), logprobs=logprobs, echo=echo)
 
 
-def completion_prompt(body: dict, tokenizer, vocab: int) -> tuple[list[int], str]:
-    """The prompt of /v1/completions as (token ids with BOS, text)."""
+def num_choices(body: dict) -> int:
+    """`n`; `best_of` only where it changes nothing (equal to n)."""
+    n = field(body, "n", int, 1, 1, MAX_N)
+    best_of = field(body, "best_of", int, None)
+    if best_of is not None and best_of != n:
+        raise APIError(400, "'best_of' is not supported (it must be omitted or equal n)", "best_of")
+    return n
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The params of n independent samples: choice j draws with seed + j (vLLM's rule), so a seeded
+    request's choices differ from each other yet each equals a lone request with that seed."""
+    if params.seed is None:  # each engine Request draws a random seed of its own
+        return [params] * n
+    return [dataclasses.replace(params, seed=params.seed + j) for j in range(n)]
+
+
+def _is_ids(p) -> bool:
+    return isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+
+
+def completion_prompts(body: dict, tokenizer, vocab: int) -> list[tuple[list[int], str]]:
+    """The prompts of /v1/completions as (token ids, text): one string or token-id list, or a
+    non-empty list of strings or of token-id lists (a batch: one choice group per prompt)."""
     p = field(body, "prompt", (str, list))
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]  # a batch of one
-    if isinstance(p, str):
-        return encode(tokenizer, p), p
-    if p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        if any(t < 0 or t >= vocab for t in p):
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
-        return list(p), tokenizer.decode(p)
-    raise APIError(400, "'prompt' must be a string, a list of token ids, or a list of one of those "
-                        "(batched prompts are not supported)", "prompt")
+    if isinstance(p, str) or _is_ids(p):
+        batch = [p]
+    elif p and (all(isinstance(x, str) for x in p) or all(_is_ids(x) for x in p)):
+        batch = p
+    else:
+        raise APIError(400, "'prompt' must be a string, a non-empty list of token ids, or a non-empty list "
+                            "of strings or of token-id lists", "prompt")
+    out = []
+    for k, x in enumerate(batch):
+        name = "prompt" if len(batch) == 1 else f"prompt[{k}]"
+        if isinstance(x, str):
+            ids, text = encode(tokenizer, x), x
+        elif any(t < 0 or t >= vocab for t in x):
+            raise APIError(400, f"{name}: token ids must be in [0, {vocab})", "prompt")
+        else:
+            ids, text = list(x), tokenizer.decode(x)
+        if not ids:
+            raise APIError(400, f"{name} is empty", "prompt")
+        out.append((ids, text))
+    return out
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    ids = tokenizer.encode(text)
+    """Prompt ids of `text`: BOS first iff the tokenizer's own config adds one (`add_bos`, as
+    transformers' `tokenizer(text)`; Qwen2 has none, Llama 3 does), never twice (a chat template
+    may already start with the BOS text)."""
+    ids = list(tokenizer.encode(text))
     bos = getattr(tokenizer, "bos_id", -1)
-    return ([bos] if bos is not None and bos >= 0 and ids[:1] != [bos] else []) + list(ids)
+    bos = -1 if bos is None else bos
+    add = getattr(tokenizer, "add_bos", bos >= 0)  # tokenizers without the attribute: BOS when defined
+    return ([bos] if add and bos >= 0 and ids[:1] != [bos] else []) + ids
 
 
 def chat_prompt(body: dict, tokenizer, config_template: str) -> tuple[list[int], tuple[str, ...]]:
@@ -143,65 +182,61 @@ def chat_prompt(body: dict, tokenizer, config_template: str) -> tuple[list[int],
     return encode(tokenizer, text), (() if config_template else (BUILTIN_CHAT_STOP,))
 
 
-def piece(tokenizer, i: int) -> str:
-    """The text of one token for logprobs output."""
-    return tokenizer.decode([i])
+_empty = lambda v: v in (None, "", [], {})  # noqa: E731
 
 
-class Formatter:
-    """Builds OpenAI response bodies and stream chunks for one request."""
+# Fields that would change the output and are not implemented, each with the test its value must
+# pass: the neutral value (what clients send when they mean "off") is accepted, anything else
+# is a 400 naming the field rather than silently ignored. Fields that cannot change the output
+# (user, metadata, store, service_tier, parallel_tool_calls, ...) are ignored, as vLLM does.
+REFUSED = {
+    "logit_bias": (_empty, "must be empty"),
+    "response_format": (lambda v: v is None or v == {"type": "text"}, 'only {"type": "text"}'),
+    "repetition_penalty": (lambda v: v in (None, 1), "must be 1"),
+    "min_p": (lambda v: v in (None, 0), "must be 0"),
+    "min_tokens": (lambda v: v in (None, 0), "must be 0"),
+    "use_beam_search": (lambda v: v in (None, False), "must be false"),
+    "length_penalty": (lambda v: v in (None, 1), "must be 1"),
+    "bad_words": (_empty, "must be empty"),
+    "allowed_token_ids": (_empty, "must be empty"),
+    "logits_processors": (_empty, "must be empty"),
+    "guided_json": (_empty, "must be empty"),
+    "guided_regex": (_empty, "must be empty"),
+    "guided_choice": (_empty, "must be empty"),
+    "guided_grammar": (_empty, "must be empty"),
+    "structured_outputs": (_empty, "must be empty"),
+    "truncate_prompt_tokens": (lambda v: v is None, "must be omitted"),
+    "prompt_logprobs": (lambda v: v is None, "must be omitted (use echo with logprobs)"),
+    "include_stop_str_in_output": (lambda v: v in (None, False), "must be false"),
+    "return_tokens_as_token_ids": (lambda v: v in (None, False), "must be false"),
+    "return_token_ids": (lambda v: v in (None, False), "must be false"),
+}
+REFUSED_COMPLETIONS = {"suffix": (_empty, "must be empty")}
+REFUSED_CHAT = {
+    "tools": (_empty, "must be empty (no tool calling)"),
+    "functions": (_empty, "must be empty (no function calling)"),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), 'only "none" (no tool calling)'),
+    "function_call": (lambda v: v in (None, "none", "auto"), 'only "none" (no function calling)'),
+    "audio": (lambda v: v is None, "must be omitted"),
+    "modalities": (lambda v: v in (None, ["text"]), 'only ["text"]'),
+    "web_search_options": (lambda v: v is None, "must be omitted"),
+    "echo": (lambda v: v in (None, False), "must be false on chat"),
+    "add_generation_prompt": (lambda v: v in (None, True), "must be true"),
+    "continue_final_message": (lambda v: v in (None, False), "must be false"),
+    "chat_template": (_empty, "must be omitted (the server's template is used)"),
+    "chat_template_kwargs": (_empty, "must be empty"),
+    "documents": (_empty, "must be empty"),
+}
 
-    def __init__(self, chat: bool, model: str, tokenizer, prompt_len: int):
-        self.chat, self.model, self.tok, self.prompt_len = chat, model, tokenizer, prompt_len
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-        self.offset = 0  # text_offset of completions logprobs
 
-    def _logprobs(self, ev: Event, prompt: bool = False):
-        if self.chat:
-            return {"content": [
-                {"token": piece(self.tok, t), "logprob": lp, "bytes": list(piece(self.tok, t).encode()),
-                 "top_logprobs": [{"token": piece(self.tok, i), "logprob": v,
-                                   "bytes": list(piece(self.tok, i).encode())} for i, v in top.items()]}
-                for t, lp, top in zip(ev.token_ids, ev.logprobs, ev.top_logprobs)]}
-        rows = list(ev.prompt_logprobs or []) if prompt else []
-        rows += list(zip(ev.token_ids, ev.logprobs, ev.top_logprobs))
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for t, lp, top in rows:
-            s = piece(self.tok, t)
-            out["tokens"].append(s)
-            out["token_logprobs"].append(lp)
-            out["top_logprobs"].append(None if top is None else {piece(self.tok, i): v for i, v in top.items()})
-            out["text_offset"].append(self.offset)
-            self.offset += len(s)
-        return out
-
-    def chunk(self, ev: Event, want_logprobs: bool, first: bool = False, prefix: str = "") -> dict:
-        """One streamed chunk for an event."""
-        lp = self._logprobs(ev, prompt=first) if want_logprobs and (ev.token_ids or ev.prompt_logprobs) else None
-        if self.chat:
-            delta = {"role": "assistant", "content": ev.text} if first else (
-                {"content": ev.text} if ev.text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": prefix + ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}
-            obj = "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": [choice]}
-
-    def usage(self, completion_tokens: int) -> dict:
-        return {"prompt_tokens": self.prompt_len, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_len + completion_tokens}
-
-    def response(self, ev: Event, want_logprobs: bool, prefix: str = "") -> dict:
-        """The non-streaming body; ev is every event of the request merged."""
-        lp = self._logprobs(ev, prompt=True) if want_logprobs else None
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": ev.text},
-                      "logprobs": lp, "finish_reason": ev.finish_reason}
-        else:
-            choice = {"index": 0, "text": prefix + ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [choice],
-                "usage": self.usage(len(ev.token_ids))}
+def refuse_unsupported(body: dict, chat: bool) -> None:
+    """400 naming the first field set to something this server does not implement."""
+    table = {**REFUSED, **(REFUSED_CHAT if chat else REFUSED_COMPLETIONS)}
+    for name, (neutral, why) in table.items():
+        v = body.get(name)
+        try:
+            ok = neutral(v)
+        except TypeError:  # an unhashable or odd value is not the neutral one
+            ok = False
+        if not ok:
+            raise APIError(400, f"'{name}' is not supported: {why}", name)
