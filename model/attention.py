@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from configs.schema import ATTENTION_IMPLS as IMPLS
 from model.kernels import sharded
 from model.kernels.blocking import default_blocks
-from model.kernels.paged_xla import paged_attention_blocked
+from model.kernels.paged_xla import BLOCK_TOKENS, DECODE_BLOCK_TOKENS, paged_attention_blocked
 from model.kernels.reference import (attention_mask, attention_reference, default_positions,
                                      fill_masking_defaults)
 
@@ -128,7 +128,7 @@ def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_positions=N
 
 def paged_attention(q, k_pages, v_pages, page_table, lengths, *, k_scales=None, v_scales=None,
                     sliding_window: int = 0, logit_softcap: float = 0.0, impl: str = "auto",
-                    q_positions=None, mesh=None) -> jax.Array:
+                    q_positions=None, layer=None, mesh=None) -> jax.Array:
     """Attention of T new tokens per sequence against a paged KV cache.
 
     q [B,T,N,H] (their K/V already written); k/v_pages [P,page_size,K,H] bf16/fp32, or int8 with
@@ -137,6 +137,7 @@ def paged_attention(q, k_pages, v_pages, page_table, lengths, *, k_scales=None, 
     Decode (q_positions None): the queries sit at positions lengths-T .. lengths-1, T in 1..8.
     Chunked prefill: q_positions [B,T] gives each query's position (padding rows at or past the
     length return zeros); it always runs the blocked jnp path (kernels/paged_xla.py).
+    layer: the pages and scales are the stacked cache [L,P,...] and this is the layer to read.
     impl: xla (kernels/paged_xla.py) | pallas (TPU kernel; Triton on GPU; interpreted on CPU) |
     auto (pallas on TPU and GPU, xla on CPU). cudnn has no paged kernel and means xla here."""
     if impl not in IMPLS:
@@ -145,12 +146,17 @@ def paged_attention(q, k_pages, v_pages, page_table, lengths, *, k_scales=None, 
     if impl == "auto":
         impl = "pallas" if platform in ("tpu", "gpu") else "xla"
     if impl != "pallas" or q_positions is not None:
+        block = BLOCK_TOKENS if q_positions is not None else DECODE_BLOCK_TOKENS
         if q_positions is None:
             T = q.shape[1]
             q_positions = lengths[:, None] - T + jnp.arange(T, dtype=jnp.int32)[None, :]   # [B,T]
-        return paged_attention_blocked(q, k_pages, v_pages, page_table, q_positions, lengths,
+        return paged_attention_blocked(q, k_pages, v_pages, page_table, q_positions, lengths, block_tokens=block,
                                        k_scales=k_scales, v_scales=v_scales,
-                                       sliding_window=sliding_window, logit_softcap=logit_softcap)
+                                       sliding_window=sliding_window, logit_softcap=logit_softcap,
+                                       layer=layer)
+    if layer is not None:
+        pick = lambda a: None if a is None else a[layer]
+        k_pages, v_pages, k_scales, v_scales = map(pick, (k_pages, v_pages, k_scales, v_scales))
     if platform == "gpu":
         from model.kernels.gpu_paged import paged_attention_gpu as paged
         extra = {}

@@ -33,10 +33,11 @@ def _paged_attend(cfg: Config, page_table, positions, valid, lengths, cache_page
 
     def attend(q, k, v, layer, cache, window):                            # q [B,T,N,H]
         cache = write_layer(cache, layer, k, v, pages, offsets)
-        kp, vp, ks, vs = cache.layer(layer)                               # [P,ps,K,H] (+[P,ps,K])
-        out = paged_attention(q, kp, vp, page_table, lengths, k_scales=ks, v_scales=vs,
-                              sliding_window=window, logit_softcap=m.attn_logit_softcap,
-                              impl=m.attention_impl, q_positions=positions if chunk else None)
+        # the stacked cache and the layer index, not a slice: see paged_xla.paged_attention_blocked
+        out = paged_attention(q, cache.k, cache.v, page_table, lengths, k_scales=cache.k_scale,
+                              v_scales=cache.v_scale, sliding_window=window,
+                              logit_softcap=m.attn_logit_softcap, impl=m.attention_impl,
+                              q_positions=positions if chunk else None, layer=layer)
         return out.astype(q.dtype), cache                                 # [B,T,N,H]
     return attend
 

@@ -44,6 +44,9 @@ class Engine:
             mesh = serving_mesh(1)
         self.mesh = mesh
         cfg, self.plan = plan_cache(cfg, mesh)  # num_pages, max_model_len and the KV dtype resolved
+        if cfg.serve.kv_dtype == "bfloat16" and mesh.devices.flat[0].platform == "cpu":
+            log.warning("a bfloat16 KV cache is slow on CPU (XLA CPU converts the whole cache to write a "
+                        "bf16 token); --kv-cache-dtype auto (float32 here) or int8 is faster")
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         s = cfg.serve
         self.max_len = s.max_model_len
