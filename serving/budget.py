@@ -99,8 +99,6 @@ def plan_cache(cfg: Config, mesh, budget: tuple[int, str] | None = None) -> tupl
     s, m = cfg.serve, cfg.model
     cfg = dataclasses.replace(cfg, serve=dataclasses.replace(s, kv_dtype=kv_dtype_name(cfg)))
     want = s.max_model_len or m.max_seq_len
-    if s.max_model_len > m.max_seq_len:
-        raise ConfigError(f"--max-model-len {s.max_model_len} exceeds the model's context {m.max_seq_len}")
     shards = mesh.shape.get("tensor", 1) if m.n_kv_heads % mesh.shape.get("tensor", 1) == 0 else 1
     unit = page_bytes(cfg, shards)
     pages_per_seq = math.ceil(want / s.page_size)

@@ -47,11 +47,6 @@ class KVCache:
     def page_size(self) -> int:
         return self.k.shape[2]
 
-    def layer(self, i):
-        """(k_pages, v_pages, k_scales, v_scales) of layer i, the paged_attention operands."""
-        pick = lambda a: None if a is None else a[i]
-        return self.k[i], self.v[i], pick(self.k_scale), pick(self.v_scale)
-
 
 def cache_shardings(cfg: Config, mesh: Mesh | None, kv_dtype: str):
     """NamedShardings of a KVCache from its logical axes under cfg.mesh.rules (serve_tp: kv heads
