@@ -1,7 +1,9 @@
 """The one attention entry point of the model: picks an implementation by config and platform.
 
 impl (model.attention_impl):
-  xla    pure jnp (model/kernels/reference.py); XLA fuses it; partitions like any jnp code.
+  xla    pure jnp; XLA fuses it; partitions like any jnp code. Rows attending over themselves
+         (training, evaluation) skip the causally hidden blocks (kernels/xla_causal.py); other
+         calls run the reference (kernels/reference.py).
   pallas our flash kernels: TPU Mosaic kernel on TPU, Triton kernel on GPU, and on CPU the TPU
          kernel in Pallas interpret mode (slow; for tests). Called through shard_map on a mesh.
          (Generic interpret, not TPU interpret mode: the latter's io callbacks cannot go under
@@ -24,6 +26,7 @@ from model.kernels.blocking import default_blocks
 from model.kernels.paged_xla import BLOCK_TOKENS, DECODE_BLOCK_TOKENS, paged_attention_blocked
 from model.kernels.reference import (attention_mask, attention_reference, default_positions,
                                      fill_masking_defaults)
+from model.kernels.xla_causal import causal_self_attention
 
 
 def resolve_impl(impl: str, *, logit_softcap: float = 0.0, platform: str | None = None) -> str:
@@ -103,9 +106,12 @@ def _cudnn(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, ca
 def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_positions=None,
               kv_positions=None, causal: bool = True, sliding_window: int = 0,
               logit_softcap: float = 0.0, impl: str = "auto", block_q: int = 0,
-              block_kv: int = 0, mesh=None) -> jax.Array:
+              block_kv: int = 0, mesh=None, self_attention: bool = False) -> jax.Array:
     """q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H]. Masking rules: model/kernels/reference.py.
 
+    self_attention: q and k/v come from the same rows, whose positions increase along each
+    segment (q_/kv_positions and segment ids are the same arrays); the xla path then computes
+    only the blocks the causal mask can show (the other paths skip blocks by their own means).
     block_q/block_kv (model.attn_block_q/attn_block_kv; 0 = per-generation default) tune the
     pallas kernels. mesh: for the shard_map of the pallas kernels (default: the context mesh)."""
     impl = resolve_impl(impl, logit_softcap=logit_softcap)
@@ -113,6 +119,9 @@ def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_positions=N
                   q_positions=q_positions, kv_positions=kv_positions, causal=causal,
                   sliding_window=sliding_window, logit_softcap=logit_softcap)
     if impl == "xla":
+        if self_attention and causal and q_positions is not None:
+            return causal_self_attention(q, k, v, q_positions, q_segment_ids,
+                                         sliding_window=sliding_window, logit_softcap=logit_softcap)
         return attention_reference(q, k, v, **kwargs)
     if impl == "cudnn":
         if logit_softcap:

@@ -11,9 +11,9 @@ slicing a stacked [L, ...] QArray under `lax.scan` slices both leaves consistent
   * act_quant=False: the int8 weight is converted to the activation dtype inside the matmul.
 Measured on these 2-core CPUs (x[B,1024] @ w[1024,4096], XLA): fp32 0.47 ms / 2.6 ms at
 B=1 / 16, int8-dequant 2.2 / 4.4 ms, int8 x int8 -> int32 1.2 / 0.96 ms; so W8A8 is the default.
-The exception is a large output head on CPU: for one token against [768, 50304], XLA's CPU int8
-dot (either mode) takes ~100 ms against 7 ms in fp32, so there keep the vocab-sized weights in
-float (`quantize_params(..., embedding=False)`, `serve.py --no-int8-embedding` for tied heads).
+A tied int8 output head goes through `matmul_rows`, the one formulation XLA CPU's int8 dot runs
+fast (the [V,D] table's minor axis contracted, at least two rows): for [768, 50304] it is on par
+with fp32 for one token and faster for 16, where the [D,V] einsum took ~100 ms and ~290 ms.
 """
 from __future__ import annotations
 
@@ -76,6 +76,32 @@ class QArray:
         x_keep = [c for c in xl if c in out]
         x_scale = x_scale.reshape([x.shape[xl.index(c)] for c in x_keep])
         return (y * _expand(x_scale, x_keep, out) * _expand(w_scale, w_keep, out)).astype(x.dtype)
+
+
+    def matmul_rows(self, x: jax.Array) -> jax.Array:
+        """x [..., D] against the rows of this row-quantized [V,D] table (a tied output head) ->
+        [..., V] in x.dtype: the same as matmul("...D,DV->...V", x) with the transposed table.
+
+        Written for XLA CPU's int8 dot, which is fast only in one shape: the table's own minor
+        axis contracted (a [D,V] view makes it copy the 50k x 768 table on every call), with at
+        least two rows (a single row takes a path ~8x slower; measured in docs/results.md), so
+        one row is padded to two. Both choices cost nothing on TPU/GPU."""
+        lead, D = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, D).astype(jnp.float32)
+        M = x2.shape[0]
+        if M == 1:
+            x2 = jnp.concatenate([x2, jnp.zeros_like(x2)])
+        dims = (((1,), (1,)), ((), ()))
+        if self.act_quant:
+            x_scale = jnp.maximum(jnp.max(jnp.abs(x2), axis=1, keepdims=True), 1e-8) / 127.0
+            xq = jnp.clip(jnp.round(x2 / x_scale), -127, 127).astype(jnp.int8)
+            y = jax.lax.dot_general(xq, self.values, dims, preferred_element_type=jnp.int32)
+            y = y.astype(jnp.float32) * x_scale
+        else:
+            y = jax.lax.dot_general(x2.astype(x.dtype), self.values.astype(x.dtype), dims,
+                                    preferred_element_type=jnp.float32)
+        y = y * self.scale[:, 0][None, :]                                     # [M,V]
+        return y[:M].reshape(*lead, self.values.shape[0]).astype(x.dtype)
 
 
 def _expand(a: jax.Array, letters: list[str], out: str) -> jax.Array:

@@ -21,7 +21,8 @@ from flax import nnx
 from configs import ModelConfig
 from model.attention import attention
 from model.kernels.reference import default_positions
-from model.layers import apply_rope, compute_dtype, linear, param, rms_norm, rope_frequencies
+from model.layers import (apply_rope, compute_dtype, gated_activation, linear, param, rms_norm,
+                          rope_frequencies)
 from model.quant import QArray, take_rows
 from sharding.rules import constrain
 
@@ -86,10 +87,13 @@ def project_qkv(p: dict, x: jax.Array, positions: jax.Array, cfg: ModelConfig, i
 
 def mlp(p: dict, x: jax.Array, cfg: ModelConfig, rules: str) -> jax.Array:
     """Gated MLP, SwiGLU or GeGLU (tanh GELU): [B,T,D] -> [B,T,D]."""
-    gate = linear("BTD,DF->BTF", x, p["w_gate"])
-    up = linear("BTD,DF->BTF", x, p["w_up"])
-    act = jax.nn.silu(gate) if cfg.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    h = constrain(act * up, ("batch", "seq", "act_mlp"), rules)
+    if isinstance(p["w_gate"], QArray):
+        gate, up = linear("BTD,DF->BTF", x, p["w_gate"]), linear("BTD,DF->BTF", x, p["w_up"])
+    else:  # one matmul for both: [D,2,F] is [D,2F] in memory, and F keeps its sharding
+        w = jnp.stack([p["w_gate"], p["w_up"]], axis=1)
+        both = linear("BTD,DCF->BTCF", x, w)                                # [B,T,2,F]
+        gate, up = both[:, :, 0], both[:, :, 1]
+    h = constrain(gated_activation(gate, up, cfg.mlp_activation), ("batch", "seq", "act_mlp"), rules)
     return linear("BTF,FD->BTD", h, p["w_down"])
 
 
@@ -108,7 +112,8 @@ def full_attention(cfg: ModelConfig, positions, segment_ids=None) -> Attend:
         out = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                         q_positions=positions, kv_positions=positions, causal=True,
                         sliding_window=window, logit_softcap=cfg.attn_logit_softcap,
-                        impl=cfg.attention_impl, block_q=cfg.attn_block_q, block_kv=cfg.attn_block_kv)
+                        impl=cfg.attention_impl, block_q=cfg.attn_block_q, block_kv=cfg.attn_block_kv,
+                        self_attention=True)
         return out, state                                                   # [B,T,N,H]
     return attend
 
@@ -184,8 +189,11 @@ def decoder(params: dict, x: jax.Array, positions, attend: Attend, cfg: ModelCon
 
 def logits(params: dict, h: jax.Array, cfg: ModelConfig, rules: str) -> jax.Array:
     """Hidden [B,T,D] -> fp32 logits [B,T,V]: tied or separate head, float or int8."""
-    w = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]  # [D,V]
-    out = linear("BTD,DV->BTV", h, w).astype(jnp.float32)
+    if cfg.tie_embeddings and isinstance(params["embedding"], QArray):
+        out = params["embedding"].matmul_rows(h).astype(jnp.float32)       # int8 [V,D] in place
+    else:
+        w = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]  # [D,V]
+        out = linear("BTD,DV->BTV", h, w).astype(jnp.float32)
     if cfg.final_logit_softcap:
         out = cfg.final_logit_softcap * jnp.tanh(out / cfg.final_logit_softcap)
     return constrain(out, ("batch", "seq", "act_vocab"), rules)

@@ -39,6 +39,19 @@ def test_tied_embedding_transpose_and_rows():
     assert float(jnp.abs(q.T.matmul("BTD,DV->BTV", h) - ref).max()) < 0.1 * float(jnp.abs(ref).max())
 
 
+@pytest.mark.parametrize("act_quant", [True, False])
+@pytest.mark.parametrize("lead", [(1, 1), (3, 1), (2, 5)])
+def test_matmul_rows_equals_the_transposed_head(lead, act_quant):
+    """The tied int8 head's fast form (rows contracted in place, one row padded to two) computes
+    exactly what the [D,V] einsum does, for one row and for many."""
+    w = jax.random.normal(jax.random.key(1), (50, 16))  # [V,D]
+    q = quantize(w, (1,), act_quant)
+    h = jax.random.normal(jax.random.key(2), (*lead, 16))
+    got = q.matmul_rows(h)
+    assert got.shape == (*lead, 50) and got.dtype == h.dtype
+    np.testing.assert_allclose(np.asarray(got), np.asarray(q.T.matmul("BTD,DV->BTV", h)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def trained():
     run = H.checkpoint(H.TRAIN_STEPS)
