@@ -32,6 +32,11 @@ REMAT_POLICIES = {
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
+# Below this many rows the gate and up weights are not stacked into one matmul: stacking copies
+# them, which a training batch amortises (10% faster CPU steps at 2048 rows, docs/results.md) but
+# decode steps and serving's prefill chunks, bound by reading the weights, would pay in full.
+FUSED_GATE_UP_MIN_ROWS = 2048
+
 # attend(q [B,T,N,H], k, v [B,T,K,H], layer index, state, window) -> (attention output [B,T,N,H],
 # state); window is the layer's static sliding window (0 = full causal).
 Attend = Callable[..., tuple[jax.Array, object]]
@@ -87,7 +92,7 @@ def project_qkv(p: dict, x: jax.Array, positions: jax.Array, cfg: ModelConfig, i
 
 def mlp(p: dict, x: jax.Array, cfg: ModelConfig, rules: str) -> jax.Array:
     """Gated MLP, SwiGLU or GeGLU (tanh GELU): [B,T,D] -> [B,T,D]."""
-    if isinstance(p["w_gate"], QArray):
+    if isinstance(p["w_gate"], QArray) or x.shape[0] * x.shape[1] < FUSED_GATE_UP_MIN_ROWS:
         gate, up = linear("BTD,DF->BTF", x, p["w_gate"]), linear("BTD,DF->BTF", x, p["w_up"])
     else:  # one matmul for both: [D,2,F] is [D,2F] in memory, and F keeps its sharding
         w = jnp.stack([p["w_gate"], p["w_up"]], axis=1)

@@ -201,3 +201,32 @@ def test_grouped_layers_gradients_with_remat():
         g, p = nnx.split(model)
         grads.append(jax.grad(lambda p: jnp.mean(nnx.merge(g, p)(x) ** 2))(nnx.to_pure_dict(p)))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), *grads)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_stacked_gate_up_and_cpu_glu_backward_match_the_plain_mlp(activation, monkeypatch):
+    """At training sizes the MLP runs gate and up as one stacked matmul, and on CPU a GLU with a
+    custom backward: outputs and weight gradients equal the two-matmul, autodiff form."""
+    import model.transformer as tr
+    from model.layers import _glu
+    cfg = load_config("tiny", SMALL + [f"model.mlp_activation={activation}"]).model
+    k = jax.random.split(jax.random.key(3), 4)
+    p = {"w_gate": jax.random.normal(k[0], (64, 128)) * 0.1, "w_up": jax.random.normal(k[1], (64, 128)) * 0.1,
+         "w_down": jax.random.normal(k[2], (128, 64)) * 0.1}
+    x = jax.random.normal(k[3], (8, tr.FUSED_GATE_UP_MIN_ROWS // 8, 64))
+
+    def plain(p, x):
+        gate, up = x @ p["w_gate"], x @ p["w_up"]
+        return _glu(gate, up, activation) @ p["w_down"]
+
+    def loss(f):
+        return jax.jit(jax.value_and_grad(lambda p: jnp.sum(jnp.sin(f(p, x)))))
+    val, grads = loss(lambda p, x: tr.mlp(p, x, cfg, "fsdp"))(p)
+    val_ref, grads_ref = loss(plain)(p)
+    np.testing.assert_allclose(val, val_ref, rtol=1e-4)
+    for name in p:
+        np.testing.assert_allclose(grads[name], grads_ref[name], rtol=1e-4, atol=1e-4 * float(jnp.abs(grads_ref[name]).max()))
+    jaxpr = str(jax.make_jaxpr(lambda p: tr.mlp(p, x, cfg, "fsdp"))(p))
+    rows = x.shape[1]
+    assert f"f32[8,{rows},2,128] = dot_general" in jaxpr, "gate and up not one matmul"
+    assert "custom_vjp_call" in jaxpr, "no CPU GLU backward"
