@@ -189,7 +189,8 @@ def validate(cfg: Config) -> None:
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "max_seq_len"):
         if getattr(m, key) <= 0:
             raise ConfigError(f"config key 'model.{key}' must be positive; got {getattr(m, key)}")
-    for key in ("sliding_window", "global_every", "query_pre_attn_scalar", "final_logit_softcap", "attn_logit_softcap"):
+    for key in ("sliding_window", "global_every", "query_pre_attn_scalar", "final_logit_softcap", "attn_logit_softcap",
+                "logits_chunk"):
         if getattr(m, key) < 0:
             raise ConfigError(f"config key 'model.{key}' must be >= 0 (0 = off); got {getattr(m, key)}")
     if m.n_heads % m.n_kv_heads:

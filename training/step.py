@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import Config
+from model.loss import token_nll as chunked_token_nll
 from sharding.rules import BATCH
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -35,12 +36,12 @@ class TaskLoss(NamedTuple):
 
 
 def token_nll(graphdef, params: dict, batch: dict):
-    """Per-token negative log-likelihood [B,T] (nats) and log-partition [B,T]."""
+    """Per-token negative log-likelihood [B,T] (nats) and log-partition [B,T]; the fp32 logits
+    exist model.logits_chunk positions at a time (model/loss.py)."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])  # [B,T,V] fp32
-    log_z = jax.nn.logsumexp(logits, axis=-1)                                  # [B,T]
-    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    return log_z - target_logit, log_z
+    h = model.backbone(batch["inputs"], batch["positions"], batch["segment_ids"])  # [B,T,D]
+    return chunked_token_nll(model.params(), h, batch["targets"], model.cfg, model.rules,
+                             model.cfg.logits_chunk)
 
 
 def lm_loss(z_loss: float) -> TaskLoss:
