@@ -27,8 +27,9 @@ def test_key_spans_cover_the_causal_and_window_ranges():
     assert key_spans(10, 4, sliding_window=3) == [(0, 4, 0, 4), (4, 8, 2, 8), (8, 10, 6, 10)]
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("window,softcap,block", [(0, 0.0, 8), (7, 0.0, 8), (0, 20.0, 16), (12, 5.0, 5)])
-def test_blocked_matches_reference_on_packed_rows(window, softcap, block):
+def test_blocked_matches_reference_on_packed_rows(window, softcap, block, recompute):
     B, T, N, K, H = 2, 37, 4, 2, 16
     q, k, v = qkv(B, T, T, N, K, H, jnp.float32)
     seg = packed_segments(B, T, 3)
@@ -36,11 +37,14 @@ def test_blocked_matches_reference_on_packed_rows(window, softcap, block):
     kw = dict(sliding_window=window, logit_softcap=softcap)
     ref = attention_reference(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos,
                               kv_positions=pos, **kw)
-    out = causal_self_attention(q, k, v, pos, seg, block=block, **kw)
+    out = causal_self_attention(q, k, v, pos, seg, block=block, recompute=recompute, **kw)
     assert_close(out, ref, 1e-5, "output")
 
 
-def test_blocked_gradients_match_reference():
+@pytest.mark.parametrize("recompute,softcap", [(False, 0.0), (True, 0.0), (True, 5.0)])
+def test_blocked_gradients_match_reference(recompute, softcap):
+    """Both backwards: autodiff through the saved probabilities, and the custom VJP that
+    recomputes them from the log-sum-exp."""
     B, T, N, K, H = 2, 40, 4, 4, 8
     q, k, v = qkv(B, T, T, N, K, H, jnp.float32)
     seg = packed_segments(B, T, 2)
@@ -50,8 +54,10 @@ def test_blocked_gradients_match_reference():
     def grads(fn):
         return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
     ref = grads(lambda q, k, v: attention_reference(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
-                                                    q_positions=pos, kv_positions=pos, sliding_window=9))
-    out = grads(lambda q, k, v: causal_self_attention(q, k, v, pos, seg, sliding_window=9, block=8))
+                                                    q_positions=pos, kv_positions=pos, sliding_window=9,
+                                                    logit_softcap=softcap))
+    out = grads(lambda q, k, v: causal_self_attention(q, k, v, pos, seg, sliding_window=9, block=8,
+                                                      logit_softcap=softcap, recompute=recompute))
     for name, a, e in zip("qkv", out, ref):
         assert_close(a, e, 1e-5, f"d{name}")
 
@@ -80,3 +86,15 @@ def test_attention_entry_point_uses_it_only_for_self_attention():
     real = np.asarray(seg > 0)
     assert_close(np.asarray(out)[real], np.asarray(ref)[real], 1e-5, "real tokens")
     assert not np.allclose(np.asarray(out)[~real], np.asarray(ref)[~real]), "padding saw later padding"
+
+
+def test_recompute_is_chosen_by_the_size_of_the_saved_probabilities(monkeypatch):
+    """recompute=None: the custom VJP only where a row's saved fp32 probabilities would pass
+    RECOMPUTE_ABOVE_BYTES (here 8 heads x 9/16 of 512 x 512 x 4 bytes = 4.5 MiB per row)."""
+    from model.kernels import xla_causal
+    q, k, v = qkv(1, 512, 512, 8, 2, 8, jnp.float32)
+    pos = jnp.arange(512, dtype=jnp.int32)[None]
+    jaxpr = lambda: str(jax.make_jaxpr(lambda q: causal_self_attention(q, k, v, pos))(q))
+    assert "custom_vjp" not in jaxpr()
+    monkeypatch.setattr(xla_causal, "RECOMPUTE_ABOVE_BYTES", 4 << 20)
+    assert "custom_vjp" in jaxpr()
