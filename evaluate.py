@@ -83,9 +83,12 @@ def run(args) -> dict:
             return {}
         if metrics["missing_classes"]:
             print(missing_classes_line(metrics["missing_classes"], args.data))
+        from tasks.classify.baseline import baseline_line
         print(f"{metrics['n']} rows: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}, "
               f"weighted F1 {metrics['weighted_f1']:.4f}, ROC-AUC "
-              + ("n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.4f}") + f" -> {out}")
+              + ("n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.4f}")
+              + f" ({metrics['params']}) -> {out}")
+        print(baseline_line(metrics["baseline_tfidf_logreg"]))
         return metrics
     from tasks import lm_eval
     model = lm_eval.load_lm(args.checkpoint, mesh, args.overrides)

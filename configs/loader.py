@@ -213,6 +213,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.batch_size and train.grad_accum must be positive")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by train.grad_accum ({cfg.train.grad_accum})")
+    if not 0.0 <= cfg.task.dropout < 1.0:
+        raise ConfigError(f"config key 'task.dropout' must be in [0, 1); got {cfg.task.dropout}")
+    if cfg.task.lm_loss_weight < 0:
+        raise ConfigError(f"config key 'task.lm_loss_weight' must be >= 0; got {cfg.task.lm_loss_weight}")
     validate_serve(cfg)
     sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):

@@ -159,6 +159,9 @@ class TaskConfig:
     pooling: str = "last"            # last | mean
     class_weights: bool = False
     max_len: int = 128
+    dropout: float = 0.0             # classifier training: embeddings, attention outputs, pooled vector
+    best_by: str = "last"            # last | val_accuracy | val_loss: the params kept as the result
+    lm_loss_weight: float = 0.0      # classifier training: + weight * next-token NLL of each text
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,7 @@ KV_CACHE_DTYPES = ("auto", "bfloat16", "int8", "float32")
 SERVE_DTYPES = ("auto",) + PARAM_DTYPES
 TASK_KINDS = ("lm", "classify")
 POOLINGS = ("last", "mean")
+BEST_BY = ("last", "val_accuracy", "val_loss")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 ROPE_SCALING_TYPES = ("llama3", "linear")
 
@@ -200,6 +204,7 @@ CHOICES = {
     "serve.dtype": SERVE_DTYPES,
     "task.kind": TASK_KINDS,
     "task.pooling": POOLINGS,
+    "task.best_by": BEST_BY,
 }
 
 

@@ -63,6 +63,13 @@ def test_finetune_reaches_high_validation_accuracy(trained):
     assert list((run / "tensorboard").iterdir()), "TensorBoard events missing"
     for name in ("config.yaml", "labels.json", "tokenizer.model"):
         assert (run / name).is_file()
+    # The result is the best evaluation (the preset's task.best_by), and the report says which.
+    best = json.loads((run / "best" / "best.json").read_text())
+    evals = [(r["step"], r) for r in rows if "val_accuracy" in r]
+    from tasks.classify.best import best_step
+    assert best["step"] == best_step(evals, "val_accuracy") == metrics["step"]
+    assert metrics["accuracy"] == pytest.approx(best["metrics"]["val_accuracy"])
+    assert "baseline_tfidf_logreg" in metrics
 
 
 def test_evaluate_classify_writes_report(trained, capsys):
@@ -70,7 +77,10 @@ def test_evaluate_classify_writes_report(trained, capsys):
     tmp, run = trained
     test_csv = easy_csv(tmp / "test.csv", 64, 1)
     out = tmp / "eval"
+    capsys.readouterr()
     assert evaluate.main(["classify", str(run), str(test_csv), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "the best evaluation by val_accuracy" in printed and "\nbaseline tfidf+logreg: " in printed
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("accuracy", "macro_f1", "weighted_f1", "roc_auc", "per_class", "confusion_matrix"):
         assert key in metrics

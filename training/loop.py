@@ -14,6 +14,8 @@ tasks/classify/train.py is the other one), which gives:
   tokens_per_batch, flops_per_token    for throughput and MFU
   compile_eval(graphdef, mesh, param_shardings), evaluate(params) -> dict, eval_message(step, metrics)
   checkpoint_meta() -> dict  extra JSON saved with every checkpoint
+  after_evaluation(step, metrics, params)   optional: called after each periodic evaluation
+                             (the classifier keeps its best params there)
   tokenizer, eval_label      and, where the task has one, full_validation(params, stop)
 """
 from __future__ import annotations
@@ -150,6 +152,11 @@ class Trainer:
             self.logger.log(step, out)
         return out
 
+    def _after_evaluation(self, step: int, metrics: dict) -> None:
+        hook = getattr(self.task, "after_evaluation", None)  # optional member of a task
+        if hook is not None:
+            hook(step, metrics, self.state["params"])
+
     def run(self) -> dict:
         """Train from the current step to cfg.train.steps; returns the last metrics seen."""
         tc, task = self.cfg.train, self.task
@@ -161,6 +168,7 @@ class Trainer:
             summary["initial"] = self.evaluate()
             self.logger.log(0, summary["initial"])
             self.logger.message(task.eval_message(0, summary["initial"]))
+            self._after_evaluation(0, summary["initial"])
         peak, n_dev = peak_flops(), jax.device_count()
         window_start, window_tokens, last = time.time(), 0.0, {}
         step = self.start_step
@@ -197,6 +205,7 @@ class Trainer:
                 last.update(evaluated)
                 self.logger.log(step, evaluated)
                 self.logger.message(task.eval_message(step, evaluated))
+                self._after_evaluation(step, evaluated)
             if stop.signal:
                 self.logger.message(f"{stop.signal} received: saving step {step} and exiting")
                 self.save(step, force=True)

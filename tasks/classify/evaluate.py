@@ -35,8 +35,36 @@ def load_classifier(run_dir: str | Path, mesh, overrides=()):
     if not has_tokenizer(run_dir):
         raise ConfigError(f"{run_dir} has no tokenizer (tokenizer.model or tokenizer.json)")
     graphdef, abstract, shardings = param_layout(cfg, mesh, cm.build(cfg, len(labels.names)))
-    params = restore_params(run_dir, abstract_with_shardings(abstract, shardings))
+    params = restore_params(result_dir(run_dir, cfg)[0], abstract_with_shardings(abstract, shardings))
     return cfg, graphdef, params, load_tokenizer_dir(run_dir), labels
+
+
+def result_dir(run_dir: str | Path, cfg) -> tuple[Path, str]:
+    """(directory to restore params from, what they are): RUN_DIR/best when the run kept its best
+    evaluation (task.best_by), else the run's newest checkpoint."""
+    from tasks.classify.best import BEST_DIR, read_record
+    run_dir = Path(run_dir)
+    record = read_record(run_dir)
+    if cfg.task.best_by != "last" and record is not None and (run_dir / BEST_DIR / "checkpoints").is_dir():
+        return run_dir / BEST_DIR, f"step {record['step']}, the best evaluation by {record['best_by']}"
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").glob("[0-9]*") if p.name.isdigit())
+    return run_dir, f"step {steps[-1]}, the newest checkpoint" if steps else "the newest checkpoint"
+
+
+def run_baseline(cfg, run_dir: str | Path, labels: LabelMap, texts: list[str], y_true: np.ndarray) -> dict | None:
+    """The TF-IDF + logistic-regression baseline fitted on the run's training split (re-read from
+    its data.path exactly as training split it) and scored on `texts`; None without scikit-learn,
+    {"skipped": reason} when the training data is no longer readable."""
+    from tasks.classify.baseline import baseline_metrics, sklearn_available
+    from tasks.classify.train import load_data
+    if not sklearn_available():
+        return None
+    try:
+        train_ex, _ = load_data(cfg, Path(run_dir))
+        y_train = labels.encode(train_ex)
+    except ConfigError as e:
+        return {"skipped": f"the run's training data is not readable ({e})"}
+    return baseline_metrics(train_ex.texts, y_train, texts, y_true, labels.names, cfg.train.seed)
 
 
 def predict(cfg, graphdef, params, tokenizer, texts: list[str], mesh, batch_size: int | None = None):
@@ -84,5 +112,7 @@ def evaluate_csv(run_dir: str | Path, csv_path: str | Path, out_dir: str | Path,
                   require_labels=False)
     y_true = labels.encode(ex) if ex.labels is not None else None
     probs = predict(cfg, graphdef, params, tokenizer, ex.texts, mesh, batch_size)
-    return write_report(out_dir, ex, probs, labels.names, y_true,
-                        {"checkpoint": str(run_dir), "data": str(csv_path)})
+    extra = {"checkpoint": str(run_dir), "params": result_dir(run_dir, cfg)[1], "data": str(csv_path)}
+    if y_true is not None:
+        extra["baseline_tfidf_logreg"] = run_baseline(cfg, run_dir, labels, ex.texts, y_true)
+    return write_report(out_dir, ex, probs, labels.names, y_true, extra)

@@ -54,14 +54,39 @@ def build_rows(seed: int = 0, max_per_class: int = MAX_PER_CLASS, packages=PACKA
     return rows
 
 
-def write_csv(path: str | Path, seed: int = 0, max_per_class: int = MAX_PER_CLASS) -> Path:
-    """Write the dataset to `path` (columns id, text, label) and return the path."""
+def held_out_rows(seed: int = 0, max_per_class: int = MAX_PER_CLASS, test_per_class: int = 100,
+                  packages=PACKAGES) -> list[tuple[str, str, str]]:
+    """(id, text, label) rows that build_rows(seed, max_per_class) did not draw: a test set no run
+    of the task has trained or selected on; at most `test_per_class` per package (fewer where the
+    package has no more snippets)."""
+    taken = {row[0] for row in build_rows(seed, max_per_class, packages)}
+    rng = np.random.default_rng((seed, 1))
+    root, rows = stdlib_dir(), []
+    for package in packages:
+        rest = [s for s in package_snippets(package, root) if s[0] not in taken]
+        keep = np.sort(rng.permutation(len(rest))[:test_per_class])
+        rows += [(rest[i][0], rest[i][1], package) for i in keep]
+    return rows
+
+
+def write_csv(path: str | Path, seed: int = 0, max_per_class: int = MAX_PER_CLASS, held_out: bool = False) -> Path:
+    """Write the dataset (or, with `held_out`, its test set) to `path` (columns id, text, label)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["id", "text", "label"])
-        w.writerows(build_rows(seed, max_per_class))
+        w.writerows(held_out_rows(seed, max_per_class) if held_out else build_rows(seed, max_per_class))
     tmp.replace(path)
     return path
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Write the embedded stdlib task's CSV, or its held-out test CSV.")
+    ap.add_argument("out")
+    ap.add_argument("--test", action="store_true", help="snippets the task did not draw (<= 100 per package)")
+    ap.add_argument("--seed", type=int, default=0, help="data.shuffle_seed of the run")
+    a = ap.parse_args()
+    print(write_csv(a.out, a.seed, held_out=a.test))

@@ -20,6 +20,7 @@ import numpy as np
 from configs import Config, ConfigError
 from model.stats import flops_per_token
 from tasks.classify import model as cm
+from tasks.classify.best import BestKeeper
 from tasks.classify.dataset import (DatasetError, LabelMap, class_weights, encode_texts, read_csv,
                                     stratified_split, train_tokenizer)
 from tasks.classify.evaluate import write_report
@@ -145,12 +146,15 @@ class ClassifyTask:
         # the head reads one pooled vector per row.
         self.flops_per_token = flops_per_token(m, cfg.task.max_len) - 6 * m.d_model * m.vocab_size
         self.eval_label = "validation accuracy"
+        self.best = BestKeeper(self.run_dir, cfg.task.best_by)
 
     def describe(self) -> str:
         """One line on what is being trained."""
+        t = self.cfg.task
         return (f"classify: {len(self.y_train)} train / {len(self.y_val)} validation rows, "
                 f"{len(self.labels.names)} classes, tokenizer {self.tokenizer.vocab_size} tokens, "
-                f"max_len {self.cfg.task.max_len}, {self.cfg.task.pooling} pooling")
+                f"max_len {t.max_len}, {t.pooling} pooling, dropout {t.dropout:g}, result: "
+                + ("the last step" if t.best_by == "last" else f"the best evaluation by {t.best_by}"))
 
     def save_files(self, run_dir: Path) -> None:
         """labels.json: the class names in index order (the tokenizer is already there)."""
@@ -175,11 +179,14 @@ class ClassifyTask:
         """This process's rows of training batch `step` (the global batch is the same everywhere)."""
         rows = batch_rows(step, self.cfg.train.batch_size, len(self.y_train), self.cfg.train.seed)
         b = rows.size // jax.process_count()
-        rows = rows[jax.process_index() * b:(jax.process_index() + 1) * b]
+        first = jax.process_index() * b
+        rows = rows[first:first + b]
         tokens, lengths = self.x_train
         labels = self.y_train[rows]
+        # step and row (the row's index in the global batch) seed dropout: model.dropout_keys.
         return {"tokens": tokens[rows], "lengths": lengths[rows], "labels": labels,
-                "weights": self.class_weights[labels]}
+                "weights": self.class_weights[labels], "step": np.full(b, step, np.int32),
+                "row": np.arange(first, first + b, dtype=np.int32)}
 
     def compile_eval(self, graphdef, mesh, param_shardings) -> None:
         self.predict_fn = cm.jit_predict(graphdef, mesh, param_shardings)
@@ -194,6 +201,17 @@ class ClassifyTask:
                 "val_weighted_f1": m["weighted_f1"],
                 "val_roc_auc": m["roc_auc"] if m["roc_auc"] is not None else float("nan")}
 
+    def after_evaluation(self, step: int, metrics: dict, params) -> None:
+        """Keep these params if they are the best so far (task.best_by)."""
+        self.best.offer(step, metrics, params)
+
+    def baseline(self, eval_texts: list[str], eval_labels: np.ndarray) -> dict | None:
+        """The TF-IDF + logistic-regression baseline fitted on this run's training split and
+        scored on the given rows; None without scikit-learn."""
+        from tasks.classify.baseline import baseline_metrics
+        return baseline_metrics(self.train_ex.texts, self.y_train, eval_texts, eval_labels, self.labels.names,
+                                self.cfg.train.seed)
+
     def eval_message(self, step: int, m: dict) -> str:
         return (f"step {step}: validation accuracy {m['val_accuracy']:.4f}, macro F1 {m['val_macro_f1']:.4f}, "
                 f"loss {m['val_loss']:.4f}")
@@ -201,24 +219,47 @@ class ClassifyTask:
     def close(self) -> None:
         """Batches are index math over encoded rows in memory: nothing runs in the background."""
 
-    def write_report(self, step: int) -> None:
+    def write_report(self, step: int, extra: dict | None = None) -> None:
         """val/: the report of the last evaluation, as `evaluate.py classify` writes it."""
         if jax.process_index() == 0:
             write_report(self.run_dir / "val", self.val_ex, self.val_probs, self.labels.names, self.y_val,
-                         {"checkpoint": str(self.run_dir), "data": "validation split", "step": step})
+                         {"checkpoint": str(self.run_dir), "data": "validation split", "step": step, **(extra or {})})
 
 
-def final_validation(trainer, task: ClassifyTask, summary: dict) -> dict:
-    """Validation metrics of the final params, and the val/ report. When the loop evaluated at
-    its last step (train.eval_every > 0) those metrics and probabilities are the final ones."""
+def restore_best(trainer, step: int) -> dict:
+    """The params kept as the best evaluation (RUN_DIR/best), restored in the trainer's shardings."""
+    from store.checkpoint import restore_params
+    from tasks.classify.best import BEST_DIR
+    from training.state import abstract_with_shardings
+    target = abstract_with_shardings(trainer.abstract["params"], trainer.shardings["params"])
+    return restore_params(trainer.run_dir / BEST_DIR, target)
+
+
+def final_validation(trainer, task: ClassifyTask, summary: dict) -> tuple[dict, int]:
+    """(validation metrics, step) of the run's result, and the val/ report: the best evaluation's
+    params when task.best_by keeps them (restored and scored again), else the final params. When
+    the loop evaluated at its last step those metrics and probabilities are the final ones."""
     step, final = summary["step"], summary["final"]
-    if "val_accuracy" in final:
+    record = task.best.record if task.best.enabled else None
+    if record is not None and record["step"] != step:
+        metrics = task.evaluate(restore_best(trainer, record["step"]))
+        step = record["step"]
+    elif "val_accuracy" in final:
         metrics = {k: v for k, v in final.items() if k.startswith("val_")}
     else:
         metrics = trainer.evaluate()
         trainer.logger.log(step, metrics)
-    task.write_report(step)
-    return metrics
+    baseline = task.baseline(task.val_ex.texts, task.y_val) if jax.process_index() == 0 else None
+    task.write_report(step, {"final_step": summary["step"], "best_by": task.cfg.task.best_by,
+                             "baseline_tfidf_logreg": baseline})
+    return {**metrics, "baseline": baseline}, step
+
+
+def result_line(step: int, final_step: int, best_by: str) -> str:
+    """Which params the reported figures are of."""
+    if best_by == "last" or step == final_step:
+        return f"after {final_step} steps" + ("" if best_by == "last" else f" (the best by {best_by})")
+    return f"of step {step}, the best evaluation by {best_by} (training ran {final_step} steps)"
 
 
 def main(cfg: Config, args=None) -> int:
@@ -235,11 +276,13 @@ def main(cfg: Config, args=None) -> int:
         summary = trainer.run()
         if "stopped_by" in summary:  # the checkpoint is saved; the same command resumes and reports
             return 0
-        out = final_validation(trainer, task, summary)
+        out, step = final_validation(trainer, task, summary)
     finally:
         trainer.close()
     if jax.process_index() == 0:
+        from tasks.classify.baseline import baseline_line
         print(f"validation accuracy {out['val_accuracy']:.4f}, macro F1 {out['val_macro_f1']:.4f}, "
-              f"ROC-AUC {out['val_roc_auc']:.4f} after {summary['step']} steps "
+              f"ROC-AUC {out['val_roc_auc']:.4f} {result_line(step, summary['step'], cfg.task.best_by)} "
               f"(report: {Path(cfg.train.run_dir) / 'val'})")
+        print(baseline_line(out["baseline"]))
     return 0
