@@ -189,10 +189,11 @@ def validate(cfg: Config) -> None:
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "max_seq_len"):
         if getattr(m, key) <= 0:
             raise ConfigError(f"config key 'model.{key}' must be positive; got {getattr(m, key)}")
-    for key in ("sliding_window", "global_every", "query_pre_attn_scalar", "final_logit_softcap", "attn_logit_softcap",
-                "logits_chunk"):
+    for key in ("sliding_window", "global_every", "query_pre_attn_scalar", "final_logit_softcap", "attn_logit_softcap"):
         if getattr(m, key) < 0:
             raise ConfigError(f"config key 'model.{key}' must be >= 0 (0 = off); got {getattr(m, key)}")
+    if m.logits_chunk < -1:
+        raise ConfigError(f"config key 'model.logits_chunk' must be >= -1 (0 = auto, -1 = whole rows); got {m.logits_chunk}")
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_heads ({m.n_heads}) must be a multiple of model.n_kv_heads ({m.n_kv_heads})")
     if not m.head_dim and m.d_model % m.n_heads:

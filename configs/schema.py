@@ -46,8 +46,8 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "full"              # none | full | save_dots | minimal
     attention_impl: str = "auto"     # auto | xla | pallas | cudnn
-    logits_chunk: int = 2048         # the loss builds fp32 logits this many positions at a time
-                                     #   when rows are longer (model/loss.py); 0 = whole rows
+    logits_chunk: int = 0            # the loss builds fp32 logits this many positions at a time
+                                     #   (model/loss.py); 0 = when a row's pass 1 GiB; -1 = never
     attn_block_q: int = 0            # pallas flash query block; 0 = per-platform default
     attn_block_kv: int = 0           # pallas flash key block; 0 = per-platform default
 

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from configs import load_config
-from model.loss import token_nll
+from model.loss import CHUNK_ABOVE_BYTES, chunk_size, token_nll
 from model.transformer import Transformer
 
 SMALL = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
@@ -15,7 +15,8 @@ SMALL = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_
 
 @pytest.mark.parametrize("variant", [[], ["model.tie_embeddings=false", "model.final_logit_softcap=5.0"]])
 @pytest.mark.parametrize("chunk", [8, 16])  # 40 positions: 5 whole chunks; 3 chunks, the last padded
-def test_chunked_loss_matches_whole_rows(variant, chunk):
+@pytest.mark.parametrize("scan", [True, False])
+def test_chunked_loss_matches_whole_rows(variant, chunk, scan):
     cfg = load_config("tiny", SMALL + variant).model
     params = Transformer(cfg, rngs=nnx.Rngs(0)).params()
     keys = jax.random.split(jax.random.key(1), 2)
@@ -24,7 +25,7 @@ def test_chunked_loss_matches_whole_rows(variant, chunk):
     weights = jnp.linspace(0.5, 1.5, 40)
 
     def objective(p, h, chunk):
-        nll, log_z = token_nll(p, h, targets, cfg, "fsdp", chunk)
+        nll, log_z = token_nll(p, h, targets, cfg, "fsdp", chunk, scan)
         return jnp.sum(nll * weights) + 1e-2 * jnp.sum(log_z ** 2), (nll, log_z)
 
     grad = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True), static_argnums=2)
@@ -44,7 +45,19 @@ def test_chunked_loss_scans_over_chunks():
     assert "scan" in text and f"f32[2,16,{cfg.vocab_size}]" in text and f"f32[2,64,{cfg.vocab_size}]" not in text
 
 
+def test_chunk_size_auto_only_past_a_gibibyte_per_row():
+    """0 (auto): whole rows while a row's fp32 logits fit in 1 GiB, else power-of-two chunks under it;
+    a positive value is taken as is and -1 keeps rows whole."""
+    llama2 = load_config("llama2-7b").model                    # V 32000: 4096 positions are 0.5 GB
+    llama3 = load_config("llama3-8b").model                    # V 128256: 8192 positions are 4.2 GB
+    assert chunk_size(llama2, 4096) == 0
+    assert chunk_size(llama3, 2048) == 0 and chunk_size(llama3, 8192) == 2048
+    assert chunk_size(llama3, 8192) * 4 * llama3.vocab_size <= CHUNK_ABOVE_BYTES
+    assert chunk_size(load_config("llama3-8b", ["model.logits_chunk=512"]).model, 8192) == 512
+    assert chunk_size(load_config("llama3-8b", ["model.logits_chunk=-1"]).model, 8192) == 0
+
+
 def test_logits_chunk_is_checked():
     from configs import ConfigError
     with pytest.raises(ConfigError, match="model.logits_chunk"):
-        load_config("tiny", ["model.logits_chunk=-1"])
+        load_config("tiny", ["model.logits_chunk=-2"])

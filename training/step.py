@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import Config
-from model.loss import token_nll as chunked_token_nll
+from model.loss import chunk_size, token_nll as chunked_token_nll
 from sharding.rules import BATCH
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -37,11 +37,12 @@ class TaskLoss(NamedTuple):
 
 def token_nll(graphdef, params: dict, batch: dict):
     """Per-token negative log-likelihood [B,T] (nats) and log-partition [B,T]; the fp32 logits
-    exist model.logits_chunk positions at a time (model/loss.py)."""
+    are made in chunks of positions when a row's pass 1 GiB (model/loss.py, model.logits_chunk)."""
     model = nnx.merge(graphdef, params)
     h = model.backbone(batch["inputs"], batch["positions"], batch["segment_ids"])  # [B,T,D]
-    return chunked_token_nll(model.params(), h, batch["targets"], model.cfg, model.rules,
-                             model.cfg.logits_chunk)
+    cfg = model.cfg
+    return chunked_token_nll(model.params(), h, batch["targets"], cfg, model.rules,
+                             chunk_size(cfg, h.shape[1]), scan=cfg.scan_layers)
 
 
 def lm_loss(z_loss: float) -> TaskLoss:
