@@ -73,9 +73,13 @@ def lm_eval_parse_logprobs(out: dict, ctxlens: list[int]) -> list[tuple[float, b
 
 def near_tie(choice: dict) -> bool:
     """Whether a greedy choice (logprobs >= 2) met a top-2 margin under 1e-3: past one, batched
-    and solo runs (different decode widths, so different fp32 rounding) may part ways."""
-    tops = choice["logprobs"]["top_logprobs"]
-    return any(np.subtract(*sorted(t.values(), reverse=True)[:2]) < 1e-3 for t in tops)
+    and solo runs (different decode widths, so different fp32 rounding) may part ways. A step
+    whose top_logprobs has one entry counts as a tie: the API keys them by text, so two tokens
+    that decode alike (byte pieces) share one key and their margin is unknown."""
+    def tied(top: dict) -> bool:
+        best = sorted(top.values(), reverse=True)[:2]
+        return len(best) < 2 or best[0] - best[1] < 1e-3
+    return any(tied(t) for t in choice["logprobs"]["top_logprobs"])
 
 
 def test_lm_eval_loglikelihood_batch(client, engine):
@@ -116,7 +120,9 @@ def test_lm_eval_generate_until_batch(client, engine, as_ids):
     """Batched prompts (strings, or token ids as lm-eval sends by default) with stop strings give
     the texts of one-by-one requests, placed by `index`."""
     tok = engine.tokenizer
-    prompts = [[1] + tok.encode(c) for c in CONTEXTS] if as_ids else CONTEXTS
+    # more prompts than CONTEXTS: those that meet a near tie are skipped, and at least 3 must count
+    texts_in = CONTEXTS + ["x = [1, 2, 3]\nwhile", "    def __init__(self, name):"]
+    prompts = [[1] + tok.encode(c) for c in texts_in] if as_ids else texts_in
     body = {"model": MODEL, "prompt": prompts, "max_tokens": 16, "temperature": 0, "seed": 1234}
     # A stop string the model is sure to produce: two characters from the middle of what it
     # writes for the first prompt without one (what a trained model writes is not fixed).
