@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from configs import Config, ModelConfig
 from model.kernels.reference import default_positions
 from model.layers import param
+from model.loss import chunk_size, token_nll
 from model.transformer import Transformer, decoder, embed, full_attention
 from sharding.rules import BATCH
 from training.step import TaskLoss
@@ -56,13 +57,14 @@ def dropout(x: jax.Array, keys: jax.Array, site, rate: float) -> jax.Array:
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
-def next_token_nll(logits: jax.Array, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Mean next-token NLL of each row's own text [B] (nats): logits [B,T,V] at positions
-    0..len-2 predict tokens 1..len-1; padding is not scored."""
-    T = tokens.shape[1]
-    targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)       # [B,T], last column unused
+def next_token_nll(backbone: Transformer, h: jax.Array, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Mean next-token NLL of each row's own text [B] (nats), through the backbone's LM head as the
+    language-model loss computes it (model/loss.py): hidden h [B,T,D] at positions 0..len-2
+    predicts tokens 1..len-1; padding is not scored."""
+    cfg, T = backbone.cfg, tokens.shape[1]
+    targets = jnp.roll(tokens, -1, axis=1)                                   # [B,T], last column unused
+    nll, _ = token_nll(backbone.params(), h, targets, cfg, backbone.rules, chunk_size(cfg, T))  # [B,T]
     mask = (jnp.arange(T)[None, :] < (lengths - 1)[:, None]).astype(jnp.float32)  # [B,T]
-    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
     return jnp.sum(nll * mask, 1) / jnp.maximum(jnp.sum(mask, 1), 1.0)
 
 
@@ -117,7 +119,7 @@ class Classifier(nnx.Module):
         if train:
             pooled = dropout(pooled, keys, POOLED_SITE, self.dropout)
         out = pooled @ self.head_w[...].astype(jnp.float32) + self.head_b[...].astype(jnp.float32)
-        lm_nll = next_token_nll(self.backbone.logits(h), tokens, lengths) if self.lm_loss_weight > 0 else None
+        lm_nll = next_token_nll(self.backbone, h, tokens, lengths) if self.lm_loss_weight > 0 else None
         return out, lm_nll
 
 

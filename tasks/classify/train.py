@@ -226,7 +226,7 @@ class ClassifyTask:
                          {"checkpoint": str(self.run_dir), "data": "validation split", "step": step, **(extra or {})})
 
 
-def restore_best(trainer, step: int) -> dict:
+def restore_best(trainer) -> dict:
     """The params kept as the best evaluation (RUN_DIR/best), restored in the trainer's shardings."""
     from store.checkpoint import restore_params
     from tasks.classify.best import BEST_DIR
@@ -242,7 +242,7 @@ def final_validation(trainer, task: ClassifyTask, summary: dict) -> tuple[dict, 
     step, final = summary["step"], summary["final"]
     record = task.best.record if task.best.enabled else None
     if record is not None and record["step"] != step:
-        metrics = task.evaluate(restore_best(trainer, record["step"]))
+        metrics = task.evaluate(restore_best(trainer))
         step = record["step"]
     elif "val_accuracy" in final:
         metrics = {k: v for k, v in final.items() if k.startswith("val_")}
