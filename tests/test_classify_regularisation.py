@@ -69,20 +69,25 @@ def test_baseline_line_without_sklearn(tmp_path, monkeypatch):
 
 # --- dropout -----------------------------------------------------------------------------------
 
+# Comparisons between separately compiled programs (with and without step/row inputs, another
+# graphdef) allow fp32 rounding: XLA may fuse them differently on another CPU.
+SAME = dict(rtol=1e-6, atol=1e-6)
+
+
 def test_dropout_zero_is_the_plain_forward_pass():
     """Rate 0: step and row change nothing, and the output is the backbone -> pool -> head of
-    before dropout existed, bit for bit."""
+    before dropout existed (to fp32 rounding: they are separate compiles)."""
     from tasks.classify.model import pool
     graphdef, params = make(0.0)
     plain = run(graphdef, params)
-    np.testing.assert_array_equal(run(graphdef, params, *rows_at(3)), plain)
+    np.testing.assert_allclose(run(graphdef, params, *rows_at(3)), plain, **SAME)
 
     def old_path(p, t, n):  # the classifier's forward pass as it was written before dropout
         m = nnx.merge(graphdef, p)
         seg = (jnp.arange(t.shape[1])[None, :] < n[:, None]).astype(jnp.int32)
         h = pool(m.backbone.backbone(t, None, seg), n, "mean").astype(jnp.float32)
         return h @ m.head_w[...].astype(jnp.float32) + m.head_b[...].astype(jnp.float32)
-    np.testing.assert_array_equal(np.asarray(jax.jit(old_path)(params, TOKENS, LENGTHS)), plain)
+    np.testing.assert_allclose(np.asarray(jax.jit(old_path)(params, TOKENS, LENGTHS)), plain, **SAME)
 
 
 def test_dropout_path_with_nothing_dropped_matches_the_backbone():
@@ -96,7 +101,7 @@ def test_dropout_changes_training_outputs_only_and_reproducibly():
     graphdef, params = make(0.3)
     _, plain_params = make(0.0)
     evaluation = run(graphdef, params)
-    np.testing.assert_array_equal(evaluation, run(make(0.0)[0], plain_params))  # eval: no dropout
+    np.testing.assert_allclose(evaluation, run(make(0.0)[0], plain_params), **SAME)  # eval: no dropout
     step3, again, step4 = run(graphdef, params, *rows_at(3)), run(graphdef, params, *rows_at(3)), \
         run(graphdef, params, *rows_at(4))
     assert not np.allclose(step3, evaluation)
