@@ -69,6 +69,10 @@ class QArray:
             y = jnp.einsum(eq, x, self.values.astype(x.dtype), preferred_element_type=jnp.float32)
             return (y * _expand(w_scale, w_keep, out)).astype(x.dtype)
         x_red = tuple(i for i, c in enumerate(xl) if c not in out)  # x's contracted axes
+        rows = [i for i, c in enumerate(xl) if c in out]
+        if rows and all(x.shape[i] == 1 for i in rows):  # one row: pad to two (see matmul_rows)
+            y = self.matmul(eq, jnp.concatenate([x, jnp.zeros_like(x)], axis=rows[0]))
+            return jax.lax.slice_in_dim(y, 0, 1, axis=out.index(xl[rows[0]]))
         x32 = x.astype(jnp.float32)
         x_scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=x_red, keepdims=True), 1e-8) / 127.0
         xq = jnp.clip(jnp.round(x32 / x_scale), -127, 127).astype(jnp.int8)

@@ -175,7 +175,7 @@ def decoder(params: dict, x: jax.Array, positions, attend: Attend, cfg: ModelCon
         for i in range(L):
             carry = one(carry, *jax.tree.map(lambda w: w[i], xs), kinds[i])
     else:
-        full = L - L % g
+        full = L - L % g if g > 1 else 0  # g = 1: one plain scan, no [L, 1, ...] reshape
 
         def group(carry, xs):                                               # xs: [g, ...] leaves
             for j in range(g):
@@ -185,7 +185,7 @@ def decoder(params: dict, x: jax.Array, positions, attend: Attend, cfg: ModelCon
         if full:
             grouped = jax.tree.map(lambda w: w[:full].reshape(full // g, g, *w.shape[1:]), xs)
             carry, _ = jax.lax.scan(group, carry, grouped)
-        if full < L:  # the leftover layers are all local: one kind, a plain scan
+        if full < L:  # the leftover layers (all of them when g = 1) are one kind: a plain scan
             rest = lambda carry, xs: (one(carry, *xs, kinds[full]), None)
             carry, _ = jax.lax.scan(rest, carry, jax.tree.map(lambda w: w[full:], xs))
     x, state = carry

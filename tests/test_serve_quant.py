@@ -31,6 +31,24 @@ def test_qarray_matmul_close_to_float(eq, xs, ws, contract, act_quant):
     assert rel < (0.02 if act_quant else 0.01), rel
 
 
+@pytest.mark.parametrize("eq,xs,ws,contract", [
+    ("BTD,DNH->BTNH", (2, 1, 32), (32, 4, 8), (0,)),
+    ("BTNH,NHD->BTD", (2, 1, 4, 8), (4, 8, 32), (0, 1)),
+    ("TBD,DF->TBF", (1, 2, 32), (32, 24), (0,)),
+])
+def test_qarray_matmul_of_one_row_is_that_row_of_many(eq, xs, ws, contract):
+    """One row (a batch-1 decode step) is padded to two for XLA CPU's fast int8 dot: the result
+    is the row itself, as computed beside any other row (activations are quantized per row)."""
+    kx, kw = jax.random.split(jax.random.key(3))
+    x, q = jax.random.normal(kx, xs), quantize(jax.random.normal(kw, ws), contract)
+    axis = 1 if eq.startswith("T") else 0
+    one = jax.lax.slice_in_dim(x, 0, 1, axis=axis)
+    got, many = q.matmul(eq, one), q.matmul(eq, x)
+    assert got.shape == jax.lax.slice_in_dim(many, 0, 1, axis=axis).shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(jax.lax.slice_in_dim(many, 0, 1, axis=axis)),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_tied_embedding_transpose_and_rows():
     w = jax.random.normal(jax.random.key(1), (50, 16))  # [V,D]
     q = quantize(w, (1,))
