@@ -11,6 +11,8 @@ slicing a stacked [L, ...] QArray under `lax.scan` slices both leaves consistent
   * act_quant=False: the int8 weight is converted to the activation dtype inside the matmul.
 Measured on these 2-core CPUs (x[B,1024] @ w[1024,4096], XLA): fp32 0.47 ms / 2.6 ms at
 B=1 / 16, int8-dequant 2.2 / 4.4 ms, int8 x int8 -> int32 1.2 / 0.96 ms; so W8A8 is the default.
+XLA CPU runs that dot fast only for two rows or more (one row: a generic int32 loop, ~4x slower
+for 768 x 3072 on an AVX-512 Xeon), so `matmul` pads a single row (a batch-1 decode step) to two.
 A tied int8 output head goes through `matmul_rows`, the one formulation XLA CPU's int8 dot runs
 fast (the [V,D] table's minor axis contracted, at least two rows): for [768, 50304] it is on par
 with fp32 for one token and faster for 16, where the [D,V] einsum took ~100 ms and ~290 ms.
