@@ -144,8 +144,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kv-dtype", default="float32")
     ap.add_argument("--float-embedding", action="store_true",
-                    help="keep the embedding (and a tied output head) in float: XLA's CPU int8 dot is "
-                         "slow for one token against a [D,V] matrix")
+                    help="keep the embedding (and a tied output head) in float, as serve.py "
+                         "--no-int8-embedding")
     ap.add_argument("--torch-threads", type=int, default=0, help="0: the faster of 1 and all cores")
     args = parse_cli(ap)
     import torch
