@@ -187,7 +187,7 @@ def decoder(params: dict, x: jax.Array, positions, attend: Attend, cfg: ModelCon
             carry, _ = jax.lax.scan(group, carry, grouped)
         if full < L:  # the leftover layers (all of them when g = 1) are one kind: a plain scan
             rest = lambda carry, xs: (one(carry, *xs, kinds[full]), None)
-            carry, _ = jax.lax.scan(rest, carry, jax.tree.map(lambda w: w[full:], xs))
+            carry, _ = jax.lax.scan(rest, carry, jax.tree.map(lambda w: w[full:], xs) if full else xs)
     x, state = carry
     return rms_norm(x, params["final_norm"], cfg.norm_eps, cfg.norm_offset), state
 
