@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--int8", action="store_true", help="quantize weights to int8 at load")
     p.add_argument("--quantization", choices=["int8"], help="same as --int8")
     p.add_argument("--no-int8-embedding", action="store_true",
-                   help="keep the embedding and output head in float (4x the bytes of int8)")
+                   help="keep the embedding and output head in float (2-4x the bytes of int8)")
     p.add_argument("--host", help="bind address (default serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default serve.port, 8000)")
     p.add_argument("--api-key", default=os.environ.get("TESSERA_API_KEY"),

@@ -72,8 +72,8 @@ class QArray:
             return (y * _expand(w_scale, w_keep, out)).astype(x.dtype)
         x_red = tuple(i for i, c in enumerate(xl) if c not in out)  # x's contracted axes
         rows = [i for i, c in enumerate(xl) if c in out]
-        if rows and all(x.shape[i] == 1 for i in rows):  # one row: pad to two (see matmul_rows)
-            y = self.matmul(eq, jnp.concatenate([x, jnp.zeros_like(x)], axis=rows[0]))
+        if rows and all(x.shape[i] == 1 for i in rows):  # one row: XLA CPU's slow int8 dot
+            y = self.matmul(eq, _two_rows(x, rows[0]))
             return jax.lax.slice_in_dim(y, 0, 1, axis=out.index(xl[rows[0]]))
         x32 = x.astype(jnp.float32)
         x_scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=x_red, keepdims=True), 1e-8) / 127.0
@@ -96,7 +96,7 @@ class QArray:
         x2 = x.reshape(-1, D).astype(jnp.float32)
         M = x2.shape[0]
         if M == 1:
-            x2 = jnp.concatenate([x2, jnp.zeros_like(x2)])
+            x2 = _two_rows(x2, 0)
         dims = (((1,), (1,)), ((), ()))
         if self.act_quant:
             x_scale = jnp.maximum(jnp.max(jnp.abs(x2), axis=1, keepdims=True), 1e-8) / 127.0
@@ -108,6 +108,12 @@ class QArray:
                                     preferred_element_type=jnp.float32)
         y = y * self.scale[:, 0][None, :]                                     # [M,V]
         return y[:M].reshape(*lead, self.values.shape[0]).astype(x.dtype)
+
+
+def _two_rows(x: jax.Array, axis: int) -> jax.Array:
+    """x with a row of zeros appended along `axis` (size 1): XLA CPU's int8 dot is fast only for
+    two rows or more, and the padding costs nothing on TPU/GPU."""
+    return jnp.concatenate([x, jnp.zeros_like(x)], axis=axis)
 
 
 def _expand(a: jax.Array, letters: list[str], out: str) -> jax.Array:
